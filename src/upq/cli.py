@@ -185,8 +185,13 @@ def _load_for_generation(args: argparse.Namespace):
     from .loading import load_any
     from .modules import set_backend
 
-    model, tokenizer = load_any(None if args.model == "bundled" else args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_any(None if args.model == "bundled" else args.model, dtype=DTYPES[args.dtype],
+                                device=args.device)
     count = set_backend(model, args.backend)
+    if count and not args.no_fuse:
+        from .fusion import fuse_siblings
+
+        fuse_siblings(model)
     if count and args.backend != "reference":
         from .kernels import native_info
 
@@ -218,7 +223,7 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    _, stats = stream_generate(model, tokenizer, ids, _sampling(args), write=write)
+    _, stats = stream_generate(model, tokenizer, ids, _sampling(args), write=write, engine=args.engine)
     get_logger("generate").info("[%s]", stats.describe())
     return 0
 
@@ -227,7 +232,7 @@ def _chat(args: argparse.Namespace) -> int:
     from .interactive import chat_loop
 
     model, tokenizer = _load_for_generation(args)
-    chat_loop(model, tokenizer, _sampling(args), system=args.system, show_stats=not args.quiet)
+    chat_loop(model, tokenizer, _sampling(args), system=args.system, show_stats=not args.quiet, engine=args.engine)
     return 0
 
 
@@ -248,9 +253,15 @@ def _add_generation_parsers(sub) -> None:
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--backend", default="auto", choices=["auto", "native", "reference"],
                        help="matmul of packed layers: native CPU kernel, reference (dequantize), or auto")
-        g.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                       help="dtype of activations and unquantized weights (embeddings, norms, lm_head)")
+        g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                       help="dtype of activations and unquantized weights (embeddings, norms, lm_head); "
+                            "float32 decodes fastest on CPU (bench/results/decode.md)")
+        g.add_argument("--engine", default="upq", choices=["upq", "hf"],
+                       help="decode loop: upq's lean loop or transformers' generate()")
+        g.add_argument("--no-fuse", action="store_true",
+                       help="do not run q/k/v and gate/up packed layers as one kernel call each")
         g.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="KV cache kind")
+        g.add_argument("--device", default="cpu", help="cpu (native kernel) or e.g. cuda (reference path)")
         _add_common(g)
         g.set_defaults(func=_generate if name == "generate" else _chat)
 

@@ -110,6 +110,30 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _make_cache(model: PreTrainedModel, kind: str, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache(config=model.config)
+
+
+def _select(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> int:
+    """Next token id from last-position logits (1-D): greedy, or temperature/top-k/top-p sampling."""
+    if settings.temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = logits.float() / settings.temperature
+    if settings.top_k:
+        kth = torch.topk(scores, min(settings.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < settings.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 @torch.no_grad()
 def stream_generate(
     model: PreTrainedModel,
@@ -117,14 +141,73 @@ def stream_generate(
     input_ids: list[int],
     settings: SamplingSettings,
     write: Callable[[str], None] | None = None,
+    engine: str = "upq",
 ) -> tuple[list[int], GenerationStats]:
     """Generate after ``input_ids``, streaming text to ``write`` (None: silent); returns new ids and timings.
 
-    The returned ids stop before the eos token when the model ended its turn.
+    ``engine="upq"`` is a lean decode loop (one forward per token on a KV cache, last-position
+    logits only); ``"hf"`` uses ``model.generate``. Both stop at eos and return the ids before it.
     """
     if not input_ids:
         raise ValueError("empty prompt")
+    if engine not in ("upq", "hf"):
+        raise ValueError(f"engine must be 'upq' or 'hf', got {engine!r}")
     eos = eos_token_ids(model, tokenizer)
+    streamer = TimingStreamer(tokenizer, write)
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    start = time.perf_counter()
+    if engine == "hf":
+        new = _hf_generate(model, tokenizer, ids, settings, eos, streamer)
+    else:
+        new = _lean_generate(model, ids, settings, eos, streamer)
+    end = time.perf_counter()
+    stop = next((i for i, t in enumerate(new) if t in eos), None)
+    times = streamer.times or [end]
+    stats = GenerationStats(
+        prompt_tokens=len(input_ids),
+        new_tokens=len(new),
+        prefill_s=times[0] - start,
+        decode_s=times[-1] - times[0],
+        finished=stop is not None,
+    )
+    return (new if stop is None else new[:stop]), stats
+
+
+def _lean_generate(model: PreTrainedModel, ids: torch.Tensor, settings: SamplingSettings, eos: list[int],
+                   streamer: TimingStreamer) -> list[int]:
+    """The decode loop: prefill, then one single-token forward per new token."""
+    generator = None
+    if settings.temperature > 0:
+        generator = torch.Generator(device=ids.device)
+        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    n_prompt = ids.shape[1]
+    cache = _make_cache(model, settings.cache, n_prompt + settings.max_new_tokens)
+    streamer.put(ids.cpu())
+    positions = torch.arange(n_prompt, device=ids.device).unsqueeze(0)
+    logits = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[0, -1]
+    new: list[int] = []
+    eos_set = set(eos)
+    while True:
+        if len(new) < settings.min_new_tokens:
+            logits = logits.clone()
+            logits[eos] = float("-inf")
+        token = _select(logits, settings, generator)
+        new.append(token)
+        streamer.put(torch.tensor([token]))
+        if token in eos_set or len(new) >= settings.max_new_tokens:
+            break
+        step = torch.tensor([[token]], dtype=torch.long, device=ids.device)
+        position = torch.tensor([[n_prompt + len(new) - 1]], device=ids.device)
+        logits = model(input_ids=step, position_ids=position, past_key_values=cache, use_cache=True).logits[0, -1]
+    streamer.end()
+    return new
+
+
+def _hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor,
+                 settings: SamplingSettings, eos: list[int], streamer: TimingStreamer) -> list[int]:
+    """``model.generate`` with the same settings (reference engine)."""
     sample = settings.temperature > 0
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
@@ -140,23 +223,8 @@ def stream_generate(
     )
     if sample and settings.seed is not None:
         torch.manual_seed(settings.seed)
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    streamer = TimingStreamer(tokenizer, write)
-    start = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
-    end = time.perf_counter()
-    new = out[0, len(input_ids):].tolist()
-    stop = next((i for i, t in enumerate(new) if t in eos), None)
-    times = streamer.times or [end]
-    stats = GenerationStats(
-        prompt_tokens=len(input_ids),
-        new_tokens=len(new),
-        prefill_s=times[0] - start,
-        decode_s=times[-1] - times[0],
-        finished=stop is not None,
-    )
-    return (new if stop is None else new[:stop]), stats
+    return out[0, ids.shape[1]:].tolist()
 
 
 @dataclass
@@ -178,6 +246,7 @@ def chat_loop(
     read: Callable[[str], str] = input,
     write: Callable[[str], None] | None = None,
     show_stats: bool = True,
+    engine: str = "upq",
 ) -> ChatState:
     """A terminal chat: ``/reset`` starts over, ``/exit`` (or end of input) quits.
 
@@ -210,7 +279,7 @@ def chat_loop(
             del state.messages[first : first + 2]  # oldest user/assistant pair
             ids = encode_chat(tokenizer, state.messages)
         out("assistant> ")
-        new, stats = stream_generate(model, tokenizer, ids, settings, write=out)
+        new, stats = stream_generate(model, tokenizer, ids, settings, write=out, engine=engine)
         state.messages.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True).strip()})
         if show_stats:
             sys.stderr.write(f"[{stats.describe()}]\n")

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grids import GridSpec, QuantizedWeight, decode, make_quantizer
-from .kernels import BACKENDS, NativeUnsupported, native_linear, native_unsupported_reason
+from .kernels import BACKENDS, NativeUnsupported, native_plan, run_plan
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 DEFAULT_EXCLUDE = (r"(^|\.)lm_head$",)
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class QuantLinear(nn.Module):
@@ -126,7 +127,7 @@ class PackedLinear(nn.Module):
         if self.backend != "reference":
             reason = self._native_reason(x)
             if reason is None:
-                return native_linear(x, self.qweight, self.scale, self.zero, self.bias, self.spec, self.in_features)
+                return run_plan(self.__dict__["_native_plan"], x, self.qweight, self.scale, self.zero, self.bias)
             if self.backend == "native":
                 raise NativeUnsupported(f"{self.extra_repr()}: {reason}")
         weight = self.dequantize().to(x.dtype)
@@ -134,15 +135,18 @@ class PackedLinear(nn.Module):
 
     def _native_reason(self, x: torch.Tensor) -> str | None:
         """Why the native kernel cannot run ``x`` through this layer (``None``: it can)."""
-        layer_reason = self.__dict__.get("_native_layer_reason", False)
-        if layer_reason is False:  # the layer-level check is static: do it once
-            layer_reason = native_unsupported_reason(self.spec, self.in_features)
-            self.__dict__["_native_layer_reason"] = layer_reason
-        if layer_reason is not None:
-            return layer_reason
+        plan = self.__dict__.get("_native_plan")
+        if plan is None:  # the layer-level check is static: do it once (plan or the reason as a str)
+            try:
+                plan = native_plan(self.spec, self.in_features)
+            except NativeUnsupported as exc:
+                plan = str(exc)
+            self.__dict__["_native_plan"] = plan
+        if isinstance(plan, str):
+            return plan
         if x.device.type != "cpu" or self.qweight.device.type != "cpu":
             return f"tensors are on {x.device}/{self.qweight.device}; the native kernel is CPU-only"
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if x.dtype not in _NATIVE_DTYPES:
             return f"input dtype {x.dtype} is not supported"
         if x.requires_grad and torch.is_grad_enabled():
             return "the native kernel has no backward pass"

@@ -10,16 +10,20 @@ from .native import kernel_cache_dir, load_native, native_available, native_erro
 from .ops import (
     BACKENDS,
     GEMV_MAX_BATCH,
+    NativePlan,
     NativeUnsupported,
     native_linear,
+    native_plan,
     native_unsupported_reason,
     packed_linear,
     reference_linear,
+    run_plan,
 )
 
 __all__ = [
     "BACKENDS",
     "GEMV_MAX_BATCH",
+    "NativePlan",
     "NativeUnsupported",
     "kernel_cache_dir",
     "load_native",
@@ -27,7 +31,9 @@ __all__ = [
     "native_error",
     "native_info",
     "native_linear",
+    "native_plan",
     "native_unsupported_reason",
     "packed_linear",
     "reference_linear",
+    "run_plan",
 ]

@@ -28,7 +28,7 @@ from ..assets import cache_dir
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("upq_cpu.cpp",)
-DEPENDS = ("kernels.h", "kernel_body.inc")
+DEPENDS = ("kernels.h", "kernel_body.inc", "group_params.inc")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
 

@@ -6,11 +6,14 @@ Both take the storage form of a ``PackedLinear`` (``qweight``, ``scale``, ``zero
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from ..grids import GridSpec, QuantizedWeight, decode
 from ..packing import storage_bits, unpack_codes
+from . import native as _native
 from .native import load_native, native_error
 
 GRID_IDS = {"seq": 0, "asym": 1, "r2q": 2}
@@ -60,6 +63,42 @@ def native_unsupported_reason(
     if not mod.layout_supported(spec.bits, in_features // group_len, group_len, ISA_IDS[isa]):
         return f"group size {spec.group_size} with {spec.bits}-bit codes is not supported by the {isa} kernel"
     return None
+
+
+class NativePlan(NamedTuple):
+    """What the native kernel needs to know about a layer, checked once (see :func:`native_plan`)."""
+
+    grid: int
+    bits: int
+    group_len: int
+    in_features: int
+
+
+def native_plan(spec: GridSpec, in_features: int, isa: str = "auto") -> NativePlan:
+    """Validate a layer format for the native kernel once; raises :class:`NativeUnsupported`."""
+    reason = native_unsupported_reason(spec, in_features, isa=isa)
+    if reason is not None:
+        raise NativeUnsupported(reason)
+    return NativePlan(GRID_IDS[spec.grid], spec.bits, spec.group_len(in_features), in_features)
+
+
+def run_plan(
+    plan: NativePlan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The per-call fast path of :func:`native_linear` for a validated plan (CPU float input)."""
+    mod = _native._module
+    if mod is None:
+        raise NativeUnsupported(f"native kernel unavailable ({native_error()})")
+    if x.dim() == 2:
+        return mod.packed_linear(x, qweight, scale, zero, bias, plan.grid, plan.bits, plan.group_len, -1, GEMV_MAX_BATCH)
+    out = mod.packed_linear(x.reshape(-1, plan.in_features), qweight, scale, zero, bias, plan.grid, plan.bits,
+                            plan.group_len, -1, GEMV_MAX_BATCH)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def native_linear(

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 
@@ -86,28 +87,45 @@ static std::string layout_reason(int64_t G, int64_t g, int sbits, int isa) {
          std::to_string(BC) + " or equal to " + std::to_string(BC / 2) + ")";
 }
 
-// x (m, K) -> xp (m, kp) in the lane-permuted order of an isa with `lanes` lanes.
-static void permute_x(const float* x, int64_t m, int64_t K, int lanes, int C, int64_t nblk, float* xp) {
+// x (m, K) -> xp (m, kp) float32 in the lane-permuted order of blocks of `lanes` bytes.
+template <typename T>
+static void permute_x(const T* x, int64_t m, int64_t K, int lanes, int C, int64_t nblk, float* xp) {
   const int64_t BC = static_cast<int64_t>(lanes) * C;
   const int64_t kp = nblk * BC;
   const int64_t full = K / BC;
   at::parallel_for(0, m, m >= 16 ? 1 : m + 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const float* xr = x + b * K;
+      const T* xr = x + b * K;
       float* d = xp + b * kp;
       for (int64_t blk = 0; blk < full; ++blk) {
-        const float* xs = xr + blk * BC;
+        const T* xs = xr + blk * BC;
         for (int s = 0; s < C; ++s)
-          for (int l = 0; l < lanes; ++l) *d++ = xs[l * C + s];
+          for (int l = 0; l < lanes; ++l) *d++ = static_cast<float>(xs[l * C + s]);
       }
       for (int64_t blk = full; blk < nblk; ++blk)
         for (int s = 0; s < C; ++s)
           for (int l = 0; l < lanes; ++l) {
             const int64_t k = blk * BC + l * C + s;
-            *d++ = k < K ? xr[k] : 0.f;
+            *d++ = k < K ? static_cast<float>(xr[k]) : 0.f;
           }
     }
   });
+}
+
+static void permute_any(const at::Tensor& x, int64_t K, int lanes, int C, int64_t nblk, float* xp) {
+  const int64_t m = x.size(0);
+  switch (x.scalar_type()) {
+    case at::kFloat: permute_x(x.data_ptr<float>(), m, K, lanes, C, nblk, xp); break;
+    case at::kBFloat16: permute_x(x.data_ptr<at::BFloat16>(), m, K, lanes, C, nblk, xp); break;
+    default: permute_x(x.data_ptr<at::Half>(), m, K, lanes, C, nblk, xp); break;
+  }
+}
+
+// out (m, N) in x's dtype = acc (float32) + bias.
+template <typename T>
+static void store_out(const float* acc, const float* bias, int64_t m, int64_t N, T* out) {
+  for (int64_t b = 0; b < m; ++b)
+    for (int64_t r = 0; r < N; ++r) out[b * N + r] = static_cast<T>(acc[b * N + r] + (bias ? bias[r] : 0.f));
 }
 
 static void fill_constants(Ctx& c, int64_t bits) {
@@ -120,6 +138,12 @@ static void fill_constants(Ctx& c, int64_t bits) {
     c.b1v[i] = static_cast<float>(2 * ((k >> 1) & 1) - 1);
     c.b2v[i] = static_cast<float>(2 * (k & 1) - 1);
   }
+}
+
+// Add the bias and return in x's dtype.
+static at::Tensor finish(at::Tensor out, const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(out.scalar_type()));
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 // y = x @ W^T (+ bias). x: (m, K) float32/bfloat16/float16; returns (m, N) in x's dtype.
@@ -171,41 +195,67 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   c.sbits = sbits;
   fill_constants(c, bits);
 
-  const int lanes = lanes_of(isa);
   const int C = 8 / sbits;
+  constexpr int64_t rows = 4;  // output rows per parallel tile (the kernels' ROWS)
+  const int64_t ntiles = N / rows + N % rows;
+  // serial below ~128K multiply-adds per chunk: a fork/join costs more than it saves there
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, rows * K * m));
+  at::Tensor out;
+  const int lanes = lanes_of(isa);
   const int64_t nblk = (row_bytes + lanes - 1) / lanes;
   const int64_t kp = nblk * lanes * C;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor xp = at::empty({m, kp}, x.options().dtype(at::kFloat));
-  permute_x(xf.data_ptr<float>(), m, K, lanes, C, nblk, xp.data_ptr<float>());
+  const at::Tensor xc = x.contiguous();
 
-  at::Tensor out;
   if (m <= gemv_max_batch) {
-    out = at::empty({m, N}, x.options().dtype(at::kFloat));
+    // Decode: the permuted activations and float32 results live in reused per-thread buffers;
+    // only the output tensor is allocated.
+    thread_local std::vector<float> xbuf, obuf;
+    xbuf.resize(static_cast<size_t>(m * kp));
+    permute_any(xc, K, lanes, C, nblk, xbuf.data());
+    out = at::empty({m, N}, x.options());
+    const bool f32 = x.scalar_type() == at::kFloat;
+    const bool has_bias = bias.has_value() && bias->defined();
+    if (!f32 || has_bias) obuf.resize(static_cast<size_t>(m * N));
+    float* op = f32 && !has_bias ? out.data_ptr<float>() : obuf.data();
     if (m > 0 && N > 0) {
-      constexpr int64_t rows = 4;
-      const int64_t ntiles = N / rows + N % rows;
-      const int64_t work = std::max<int64_t>(1, rows * K * m);
-      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work);
       const GemvFn fn = gemv_fn(isa);
-      const float* xpp = xp.data_ptr<float>();
-      float* op = out.data_ptr<float>();
+      const float* xpp = xbuf.data();
       at::parallel_for(0, ntiles, grain, [&](int64_t t0, int64_t t1) { fn(c, xpp, m, kp, nblk, op, t0, t1); });
     }
+    if (f32 && !has_bias) return out;
+    at::Tensor bias_f;
+    if (has_bias) {
+      TORCH_CHECK(bias->numel() == N, "upq kernel: bias has ", bias->numel(), " elements, expected ", N);
+      bias_f = bias->to(at::kFloat).contiguous();
+    }
+    const float* bp = has_bias ? bias_f.data_ptr<float>() : nullptr;
+    switch (x.scalar_type()) {
+      case at::kFloat: store_out(op, bp, m, N, out.data_ptr<float>()); break;
+      case at::kBFloat16: store_out(op, bp, m, N, out.data_ptr<at::BFloat16>()); break;
+      default: store_out(op, bp, m, N, out.data_ptr<at::Half>()); break;
+    }
+    return out;
   } else {
+    at::Tensor xp = at::empty({m, kp}, x.options().dtype(at::kFloat));
+    permute_any(xc, K, lanes, C, nblk, xp.data_ptr<float>());
     // Prefill: dequantize cache-sized row tiles (lane-permuted K, zero-padded x makes the padding
     // inert) and multiply each with at::mm in x's precision, like the reference path does.
     const at::ScalarType mm_type = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
     const at::Tensor xpm = xp.to(mm_type);
     at::Tensor out_t = at::empty({N, m}, x.options().dtype(mm_type));
-    const int64_t target_rows = ((int64_t{1} << 21) / (kp * 4) + 15) / 16 * 16;
-    const int64_t tile = std::min<int64_t>(N, std::max<int64_t>(64, std::min<int64_t>(512, target_rows)));
-    const int64_t ntiles = (N + tile - 1) / tile;
+    // Tiles of about 2 MiB of float32 weights (at least 16 rows), as many as a multiple of the
+    // thread count so that every thread gets the same share.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t max_rows = std::max<int64_t>(16, (int64_t{1} << 21) / (kp * 4));
+    int64_t ptiles = std::max<int64_t>(1, (N + max_rows - 1) / max_rows);
+    ptiles = std::max<int64_t>(1, std::min<int64_t>((N + 15) / 16, (ptiles + threads - 1) / threads * threads));
+    const int64_t tile = (N + ptiles - 1) / ptiles;
     const DequantFn fn = dequant_fn(isa);
-    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, N > 0 && m > 0 ? ptiles : 0, 1, [&](int64_t t0, int64_t t1) {
       at::Tensor buf = at::empty({tile, kp}, x.options().dtype(at::kFloat));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tile, r1 = std::min(N, r0 + tile);
+        if (r0 >= r1) break;
         fn(c, r0, r1, kp, nblk, buf.data_ptr<float>());
         at::Tensor w = buf.narrow(0, 0, r1 - r0);
         if (mm_type != at::kFloat) w = w.to(mm_type);
@@ -215,8 +265,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
     });
     out = out_t.t().contiguous();
   }
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(out.scalar_type()));
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  return finish(out, x, bias);
 }
 
 // Dequantize the whole weight to a float32 (N, K) tensor with the native unpacker (tests/tools).

@@ -131,10 +131,25 @@ def _fmt(value) -> str:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_hf
 
+    if args.format == "gguf":
+        return _export_gguf(args)
     if args.format != "hf":
-        raise SystemExit(f"unknown export format {args.format!r}; supported: hf")
+        raise SystemExit(f"unknown export format {args.format!r}; supported: hf, gguf")
     out = export_hf(args.checkpoint, args.out, dtype=DTYPES[args.dtype])
     get_logger("export").info("wrote a plain transformers checkpoint to %s", out)
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from .export_gguf import export_gguf
+
+    report = export_gguf(args.checkpoint, args.out, dense_type=args.dtype, tokenizer_pre=args.tokenizer_pre,
+                         strict=args.strict)
+    report_path = write_json_atomic(f"{args.out}.report.json", report.to_dict())
+    print(report.table())
+    for note in report.notes:
+        print(f"note: {note}")
+    get_logger("export").info("wrote %s (report: %s)", args.out, report_path)
     return 0
 
 
@@ -326,8 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="export a upq checkpoint for other tools")
-    x.add_argument("--format", default="hf", choices=["hf"])
-    x.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    x.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: dequantized transformers dir; "
+                   "gguf: llama.cpp file (Q2_K/Q4_1 where exact) plus OUT.report.json")
+    x.add_argument("--dtype", default="float16", choices=sorted(DTYPES),
+                   help="dense dtype (gguf: float16/float32 for embeddings and an untied lm_head)")
+    x.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name (default: guessed, e.g. smollm)")
+    x.add_argument("--strict", action="store_true", help="gguf: fail instead of storing a quantized layer as F16")
     x.add_argument("checkpoint")
     x.add_argument("out")
     _add_common(x)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grids import GridSpec, QuantizedWeight, decode, make_quantizer
-from .kernels import BACKENDS, NativeUnsupported, native_plan, run_plan
+from .kernels import BACKENDS, NativeUnsupported, native_plan, packed_linear, run_plan
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 DEFAULT_EXCLUDE = (r"(^|\.)lm_head$",)
@@ -65,8 +65,9 @@ class PackedLinear(nn.Module):
     Buffers: ``qweight`` uint8 (out, packed_row_bytes), ``scale`` (out, groups[, 2]), optional
     ``zero`` uint8 (out, groups), optional ``bias``. The forward pass dequantizes and multiplies
     (the reference path); faster kernels plug in behind the same buffers: ``backend`` is
-    ``"auto"`` (the native CPU kernel when it can run the input, else the reference path),
-    ``"native"`` (raise ``NativeUnsupported`` instead of falling back) or ``"reference"``.
+    ``"auto"`` (the native CPU kernel on CPU, the Triton kernel on CUDA, when it can run the
+    input, else the reference path), ``"native"``/``"triton"`` (raise ``NativeUnsupported``/
+    ``TritonUnsupported`` instead of falling back) or ``"reference"``.
     """
 
     backend: str = "auto"
@@ -124,6 +125,9 @@ class PackedLinear(nn.Module):
         return decode(self.quantized())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" or (self.backend == "auto" and x.device.type != "cpu"):
+            return packed_linear(x, self.qweight, self.scale, self.zero, self.bias, self.spec, self.in_features,
+                                 backend=self.backend)
         if self.backend != "reference":
             reason = self._native_reason(x)
             if reason is None:
@@ -157,7 +161,7 @@ class PackedLinear(nn.Module):
 
 
 def set_backend(model: nn.Module, name: str) -> int:
-    """Set the matmul backend (``auto`` | ``native`` | ``reference``) of every ``PackedLinear``; returns how many."""
+    """Set the matmul backend (``auto`` | ``native`` | ``triton`` | ``reference``) of every ``PackedLinear``; returns how many."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     count = 0

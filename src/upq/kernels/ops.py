@@ -1,11 +1,14 @@
-"""Packed low-bit matmul: the native CPU kernel and the pure-PyTorch reference (the test oracle).
+"""Packed low-bit matmul: the native CPU kernel, the Triton CUDA kernel and the pure-PyTorch
+reference (the test oracle).
 
-Both take the storage form of a ``PackedLinear`` (``qweight``, ``scale``, ``zero``, ``bias``, its
+All take the storage form of a ``PackedLinear`` (``qweight``, ``scale``, ``zero``, ``bias``, its
 ``GridSpec`` and ``in_features``) and compute ``x @ W^T + bias`` for ``x`` of shape (..., in).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -18,12 +21,26 @@ from .native import load_native, native_error
 
 GRID_IDS = {"seq": 0, "asym": 1, "r2q": 2}
 ISA_IDS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
-BACKENDS = ("auto", "native", "reference")
+BACKENDS = ("auto", "native", "triton", "reference")
+AUTO_KERNELS = {"cpu": "native", "cuda": "triton"}  # what ``auto`` tries, by the input's device type
 GEMV_MAX_BATCH = 16
 
 
-class NativeUnsupported(RuntimeError):
+class KernelUnsupported(RuntimeError):
+    """A requested kernel cannot run this layer/input (the reason is the message)."""
+
+
+class NativeUnsupported(KernelUnsupported):
     """The native kernel cannot run this layer/input (the reason is the message)."""
+
+
+class TritonUnsupported(KernelUnsupported):
+    """The Triton kernel cannot run this layer/input (the reason is the message)."""
+
+
+_UNSUPPORTED = {"native": NativeUnsupported, "triton": TritonUnsupported}
+_triton_module: ModuleType | None = None
+_triton_error: str | None = None
 
 
 def reference_linear(
@@ -136,6 +153,75 @@ def native_linear(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def load_triton() -> ModuleType | None:
+    """The Triton kernel module (importing Triton on first use), or ``None`` when Triton cannot be imported.
+
+    Set ``TRITON_INTERPRET=1`` before the first call to run the kernel in Triton's CPU interpreter.
+    """
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            from . import triton_kernel
+
+            _triton_module = triton_kernel
+        except Exception as exc:  # noqa: BLE001 -- not installed or a broken install: remembered as the reason
+            _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton_module
+
+
+def triton_unsupported_reason(
+    spec: GridSpec, in_features: int, device: torch.device | str, dtype: torch.dtype
+) -> str | None:
+    """Why the Triton kernel cannot run this layer on an input of ``device``/``dtype`` (``None``: it can)."""
+    mod = load_triton()
+    if mod is None:
+        return f"Triton unavailable ({_triton_error})"
+    return mod.unsupported_reason(spec, in_features, torch.device(device), dtype)
+
+
+def triton_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    spec: GridSpec,
+    in_features: int,
+) -> torch.Tensor:
+    """``x @ W^T + bias`` with the Triton kernel (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``).
+
+    Raises :class:`TritonUnsupported` when the kernel cannot run this case.
+    """
+    reason = triton_unsupported_reason(spec, in_features, x.device, x.dtype)
+    if reason is not None:
+        raise TritonUnsupported(reason)
+    return _triton_module.triton_linear(x, qweight, scale, zero, bias, spec, in_features)
+
+
+def choose_backend(
+    backend: str, device_type: str, reason_for: Callable[[str], str | None]
+) -> tuple[str, str | None]:
+    """Which implementation runs: ``(kernel, None)`` or ``("reference", why no kernel runs)``.
+
+    ``reason_for(kernel)`` says why ``native``/``triton`` cannot run the case (``None``: it can).
+    ``auto`` tries the kernel of ``device_type`` (``native`` on CPU, ``triton`` on CUDA) and falls
+    back to the reference path; naming a kernel raises its :class:`KernelUnsupported` instead.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "reference":
+        return "reference", None
+    kernel = AUTO_KERNELS.get(device_type) if backend == "auto" else backend
+    if kernel is None:
+        return "reference", f"no kernel for {device_type} tensors"
+    reason = reason_for(kernel)
+    if reason is None:
+        return kernel, None
+    if backend != "auto":
+        raise _UNSUPPORTED[kernel](reason)
+    return "reference", reason
+
+
 def packed_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -147,19 +233,24 @@ def packed_linear(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``x @ W^T + bias`` with ``backend`` = ``native``, ``reference`` or ``auto``.
+    """``x @ W^T + bias`` with ``backend`` = ``native``, ``triton``, ``reference`` or ``auto``.
 
-    ``auto`` uses the native kernel when it can run the case (CPU input, supported format, no
-    gradient needed for ``x``) and the reference path otherwise; ``native`` raises
-    :class:`NativeUnsupported` with the reason instead of falling back.
+    ``auto`` uses the kernel for ``x``'s device (native on CPU, Triton on CUDA) when it can run the
+    case (supported format, no gradient needed for ``x``) and the reference path otherwise;
+    ``native``/``triton`` raise :class:`NativeUnsupported`/:class:`TritonUnsupported` with the
+    reason instead of falling back (see :func:`choose_backend`).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend != "reference":
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        reason = "the native kernel has no backward pass" if needs_grad else native_unsupported_reason(spec, in_features, x)
-        if reason is None:
-            return native_linear(x, qweight, scale, zero, bias, spec, in_features)
-        if backend == "native":
-            raise NativeUnsupported(reason)
+
+    def reason_for(kernel: str) -> str | None:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return f"the {kernel} kernel has no backward pass"
+        if kernel == "native":
+            return native_unsupported_reason(spec, in_features, x)
+        return triton_unsupported_reason(spec, in_features, x.device, x.dtype)
+
+    kernel, _ = choose_backend(backend, x.device.type, reason_for)
+    if kernel == "native":
+        return native_linear(x, qweight, scale, zero, bias, spec, in_features)
+    if kernel == "triton":
+        return _triton_module.triton_linear(x, qweight, scale, zero, bias, spec, in_features)
     return reference_linear(x, qweight, scale, zero, bias, spec, in_features)

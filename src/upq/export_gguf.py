@@ -9,7 +9,9 @@ they can (up to the fp16 rounding of the block scale/offset):
   super-block, so every sub-block uses the same ``sc`` / ``m``:
   SEQ ``step*(q - 1.5)`` -> ``sc=2, m=3, d=dmin=step/2``; asym ``s*(q - z)`` -> ``sc=1, m=z, d=dmin=s``.
 * **Q4_1** (blocks of 32: fp16 ``d``, ``m``; value ``d*q + m`` with ``q`` in 0..15) for 2/3/4-bit SEQ and
-  asym grids whose groups are multiples of 32: SEQ ``d=step, m=-(n-1/2)*step``; asym ``d=s, m=-z*s``.
+  asym grids whose groups are multiples of 32: SEQ ``d=step, m=-(n-1/2)*step``; asym ``d=s, m=-z*s``;
+  each block may re-code ``q = a*code + c`` so that ``m`` is exact in fp16 (2/3-bit SEQ: ``d=step/2,
+  q=2*code+1, m=-Delta``), which makes 2/3-bit grids bit-exact and leaves 4-bit within fp16 rounding of ``m``.
 * **F16** otherwise (R2Q's levels ``+-a1 +- a2`` are not an affine lattice; groups that are not a
   multiple of 32; 8-bit asym), noted in the report, or an error with ``strict=True``.
 

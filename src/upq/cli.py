@@ -15,6 +15,7 @@ import torch
 
 from .atomic import write_json_atomic
 from .logs import get_logger, setup_logging
+from .kernels.ops import BACKENDS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -266,8 +267,8 @@ def _add_generation_parsers(sub) -> None:
         g.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
         g.add_argument("--top-k", type=int, default=None)
         g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--backend", default="auto", choices=["auto", "native", "reference"],
-                       help="matmul of packed layers: native CPU kernel, reference (dequantize), or auto")
+        g.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                       help="matmul of packed layers: native CPU kernel, triton (CUDA), reference (dequantize), or auto")
         g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                        help="dtype of activations and unquantized weights (embeddings, norms, lm_head); "
                             "float32 decodes fastest on CPU (bench/results/decode.md)")

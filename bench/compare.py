@@ -1,0 +1,247 @@
+"""Every shipped recipe on the bundled SmolLM2-135M-Instruct at one budget, evaluated alike.
+
+Each recipe runs through ``upq.pipeline.run_recipe`` exactly as ``upq quantize --recipe NAME
+--budget BUDGET`` does (plus ``distill.eval_every`` so that the held-out KL curve can be plotted
+against training tokens, and an optional common ``--tokens`` override). Every model, and the
+untrained INT2 start of the progressive path, is then evaluated with the same settings: held-out
+wiki perplexity, KL(original || model) and top-1 agreement on the original's greedy answers to
+the 32 eval chat prompts, and IFEval on a fixed subset. Writes ``results/<name>.json``, ``.md``
+and ``.png`` (held-out KL vs training tokens, one line per QAT recipe; FP16 = 0 and the INT4
+checkpoint as horizontal references).
+
+Finished recipes and evaluations are cached under ``--work``; an interrupted recipe resumes.
+Each heavy stage takes the shared heavy-compute lock itself:
+
+    python bench/compare.py                  # all rows, CPU budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from upq.atomic import write_json_atomic, write_text_atomic
+from upq.checkpoint import save_quantized
+from upq.distill.student import build_student
+from upq.distill.trainer import read_metrics
+from upq.evaluate.runner import EvalSettings, evaluate, machine
+from upq.models import BUNDLED_MODEL
+from upq.modules import pack_model
+from upq.pipeline import run_recipe
+from upq.recipes.schema import load_recipe
+
+RESULTS = Path(__file__).parent / "results"
+LOCK = "/tmp/upq-heavy.lock"
+RECIPES = ("ptq-int4", "rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq")
+INT2_RECIPES = ("rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq")
+
+
+@contextmanager
+def heavy_lock() -> Iterator[None]:
+    """Hold the shared heavy-compute lock (the same file ``flock`` uses)."""
+    with open(LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()`` once under the heavy lock; its JSON result is kept at ``path``."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    with heavy_lock():
+        started = time.perf_counter()
+        result = compute()
+        result["stage_seconds"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(path, result)
+    return result
+
+
+def recipe_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    """Command-line style overrides applied to every QAT recipe (same budget for all)."""
+    stages = {s.kind for s in load_recipe(name, args.budget).stages}
+    if "distill" not in stages:
+        return []
+    sets = [f"distill.eval_every={args.eval_every}"]
+    if args.tokens:
+        sets.append(f"distill.tokens={args.tokens}")
+    return sets
+
+
+def run_one_recipe(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Quantize with one recipe (resumable); return its provenance and held-out KL curve."""
+    overrides = recipe_overrides(name, args)
+    recipe = load_recipe(name, args.budget, overrides)
+    out, stage_work = work / name, work / f"{name}.work"
+    run_recipe(recipe, None, out, work_dir=stage_work, keep_work=True)
+    config = json.loads((out / "config.json").read_text())
+    stages = config["quantization_config"]["stages"]
+    curve: list[tuple[int, float]] = []
+    for index, stage in enumerate(recipe.stages):
+        if stage.kind == "distill":
+            tokens = 0
+            for record in read_metrics(stage_work / f"{index}-distill" / "train"):
+                tokens += int(record.get("input_tokens", 0))
+                if record.get("heldout_kl") is not None:
+                    curve.append((tokens, record["heldout_kl"]))
+    return {"recipe": recipe.as_dict(), "overrides": overrides, "stages": stages,
+            "quantize_seconds": round(sum(s["seconds"] for s in stages), 1),
+            "train_tokens": sum(s.get("tokens", 0) for s in stages if s["stage"] == "distill"),
+            "heldout_kl_curve": curve}
+
+
+def save_progressive_init(int4_dir: Path, out: Path) -> None:
+    """The untrained INT2 student of the progressive path (Delta_2 from the INT4 weights), packed."""
+    student = build_student("progressive", int4_dir=str(int4_dir), model_name=None)
+    pack_model(student.model)
+    save_quantized(student.model, out, student.tokenizer, method="int2-init-progressive",
+                   extra={"source_model": BUNDLED_MODEL, "student_init": student.info})
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one evaluation."""
+    m = result["metrics"]
+    row = {"ppl": m["ppl"]["ppl"], "kl": m["kl"]["kl"], "top1": m["kl"]["top1_agreement"]}
+    if "ifeval" in m:
+        row["ifeval_prompt_strict"] = m["ifeval"]["prompt_level_strict"]
+        row["ifeval_prompt_loose"] = m["ifeval"]["prompt_level_loose"]
+        row["ifeval_inst_strict"] = m["ifeval"]["inst_level_strict"]
+    size = result.get("size") or {}
+    if size.get("weights_bytes"):
+        row["checkpoint_mib"] = round(size["weights_bytes"] / 2**20, 1)
+    row["eval_seconds"] = result.get("timings_s", {}).get("total")
+    return row
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Held-out KL vs training tokens per QAT recipe, with FP16 and INT4 references (False: no matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    refs = {r["row"]: r for r in report["rows"]}
+    for row in report["rows"]:
+        curve = row.get("heldout_kl_curve")
+        if curve:
+            line, = ax.plot([t for t, _ in curve], [k for _, k in curve], marker="o", markersize=3,
+                            label=f"{row['row']} (trainer held-out KL)")
+            ax.plot([curve[-1][0]], [row["kl"]], marker="x", markersize=9, color=line.get_color())
+    ax.axhline(0.0, color="black", linestyle="--", linewidth=1, label="FP16 (KL 0)")
+    if "ptq-int4" in refs:
+        ax.axhline(refs["ptq-int4"]["kl"], color="grey", linestyle=":", label="INT4 PTQ (eval-prompt KL)")
+    if "rtn-int2" in refs:
+        ax.axhline(refs["rtn-int2"]["kl"], color="red", linestyle=":", label="RTN INT2 (eval-prompt KL)")
+    ax.set_xlabel("distillation training tokens")
+    ax.set_ylabel("KL(original || model); x = final eval-prompt KL")
+    ax.set_title(f"SmolLM2-135M-Instruct, INT2 recipes, {report['budget']} budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The comparison table and the verdict on UPQ."""
+    m, s = report["machine"], report["eval"]
+    lines = [f"# Recipes compared: SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores, no GPU)", "",
+             f"Budget `{report['budget']}` for every recipe; QAT recipes train on {report['tokens_label']} distillation "
+             "tokens each (reduced CPU budget; the paper-scale GPU budget is 20M+). Eval: held-out wiki perplexity "
+             f"({s['ppl_max_tokens']} tokens), KL(original || model) and top-1 agreement on the original's greedy answers "
+             f"to {s['kl_prompts']} eval chat prompts ({s['kl_max_new_tokens']} tokens), IFEval on the first "
+             f"{s['limit']} prompts (greedy, {s['ifeval_max_new_tokens']} new tokens; prompt-level strict / loose).",
+             f"Command: `{report['command']}`", "",
+             "| row | ppl | KL | top-1 | IFEval strict | IFEval loose | train tokens | quantize s | checkpoint MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        ife = (f"{r['ifeval_prompt_strict']:.3f} | {r['ifeval_prompt_loose']:.3f}" if "ifeval_prompt_strict" in r
+               else "- | -")
+        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {ife} | "
+                     f"{r.get('train_tokens', '-')} | {r.get('quantize_seconds', '-')} | {r.get('checkpoint_mib', '-')} |")
+    lines += ["", report["verdict"]]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: dict[str, dict[str, Any]]) -> str:
+    """Does UPQ beat every other INT2 row on KL and on IFEval (prompt-level strict)?"""
+    if "upq" not in rows:
+        return "UPQ row missing: no verdict."
+    upq = rows["upq"]
+    others = [rows[n] for n in INT2_RECIPES if n != "upq" and n in rows]
+    parts = []
+    for key, label, better in (("kl", "KL", min), ("ifeval_prompt_strict", "IFEval prompt-level strict", max)):
+        if key not in upq:
+            continue
+        best_other = better(others, key=lambda r: r[key])
+        wins = all((upq[key] < r[key]) if better is min else (upq[key] > r[key]) for r in others)
+        parts.append(f"{label}: UPQ {upq[key]:.4g} vs best other INT2 row {best_other['row']} {best_other[key]:.4g} -> "
+                     f"UPQ {'beats every other INT2 row' if wins else 'does NOT beat every other INT2 row'}.")
+    return "Verdict at this budget: " + " ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--budget", default="cpu")
+    parser.add_argument("--tokens", type=int, default=None, help="common distillation token budget (default: the budget's)")
+    parser.add_argument("--eval-every", type=int, default=8, help="held-out KL every N training steps (the plot)")
+    parser.add_argument("--work", default="runs/compare")
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--ifeval-limit", type=int, default=48)
+    parser.add_argument("--ifeval-max-new-tokens", type=int, default=128)
+    parser.add_argument("--name", default="compare")
+    args = parser.parse_args()
+    work = Path(args.work)
+    (work / "evals").mkdir(parents=True, exist_ok=True)
+    settings = EvalSettings(tasks=("ppl", "kl", "ifeval"), ppl_max_tokens=args.ppl_tokens, kl_prompts=32,
+                            kl_max_new_tokens=128, limit=args.ifeval_limit,
+                            ifeval_max_new_tokens=args.ifeval_max_new_tokens, batch_size=16)
+
+    def ev(name: str, model: str | None) -> dict[str, Any]:
+        result = cached(work / "evals" / f"{name}.json", lambda: evaluate(model, None, settings))
+        print(f"eval {name}: {metrics_of(result)}", flush=True)
+        return result
+
+    rows: list[dict[str, Any]] = [{"row": "FP (original)", **metrics_of(ev("fp", None))}]
+    by_name: dict[str, dict[str, Any]] = {}
+    for name in args.recipes.split(","):
+        built = cached(work / "evals" / f"build-{name}.json", lambda: run_one_recipe(name, args, work))
+        row = {"row": name, **metrics_of(ev(name, str(work / name))), **built}
+        rows.append(row)
+        by_name[name] = row
+        if name == "upq":
+            init = work / "upq-int2-init"
+            if not (init / "config.json").is_file():
+                with heavy_lock():
+                    save_progressive_init(work / "upq.work" / "0-ptq" / "out", init)
+            rows.append({"row": "upq INT2 start, untrained (progressive init)", **metrics_of(ev("upq-int2-init", str(init)))})
+
+    tokens = sorted({r["train_tokens"] for r in by_name.values() if r.get("train_tokens")})
+    report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
+              "budget": args.budget, "tokens_override": args.tokens,
+              "tokens_label": "/".join(str(t) for t in tokens) or "0",
+              "command": "python bench/compare.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "work"),
+              "eval": asdict(settings), "rows": rows, "verdict": verdict(by_name)}
+    RESULTS.mkdir(exist_ok=True)
+    write_json_atomic(RESULTS / f"{args.name}.json", report)
+    write_text_atomic(RESULTS / f"{args.name}.md", markdown(report))
+    plot(report, RESULTS / f"{args.name}.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

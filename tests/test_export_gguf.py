@@ -224,3 +224,20 @@ def test_cli_writes_gguf_and_report(tmp_path: Path, capsys) -> None:
     assert gguf.GGUFReader(out).tensors
     assert main(["export", "--format", "gguf", "--quiet", "--dtype", "bfloat16", str(ckpt), str(out)]) == 2
     assert np.array_equal(np.sort([p.name for p in out.parent.iterdir()]), ["model.gguf", "model.gguf.report.json"])
+
+
+def test_plain_llama_directory_exports_dense(tmp_path: Path) -> None:
+    """An unquantized model exports dense (llama.cpp's quantizer source); transformers reads it back exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _tiny_llama(256, 512)
+    model.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    report = export_gguf(tmp_path / "plain", tmp_path / "plain.gguf", dense_type="float32")
+    assert {t.gguf_type for t in report.tensors} == {"F32"}
+    assert max(t.max_abs_error for t in report.tensors) == 0.0
+    ggml = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="plain.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ggml(ids).logits - model(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff

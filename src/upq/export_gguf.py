@@ -502,6 +502,8 @@ def export_gguf(
 ) -> GGUFReport:
     """Export a upq checkpoint (Llama architecture) to a llama.cpp GGUF file, atomically.
 
+    A plain (unquantized) transformers Llama directory is exported dense (every tensor in
+    ``dense_type``): the source llama.cpp's own quantizer needs for its Q8_0 / Q4_K_M files.
     ``dense_type``: ``float16`` or ``float32`` for embeddings and an untied ``lm_head`` (norms are
     always F32). ``tokenizer_pre``: llama.cpp pre-tokenizer name (default: guessed from the
     recorded source model). ``strict``: raise instead of storing a quantized layer as F16.
@@ -511,9 +513,7 @@ def export_gguf(
 
     checkpoint, out_path = Path(checkpoint), Path(out_path)
     check_architecture(checkpoint)
-    qc = read_quantization_config(checkpoint)
-    if qc is None:
-        raise GGUFExportError(f"{checkpoint} is not a upq checkpoint (no upq quantization_config)")
+    qc = read_quantization_config(checkpoint) or {"source_model": checkpoint.name}
     if dense_type not in _DENSE_DTYPES:
         raise GGUFExportError(f"dense type must be one of {sorted(_DENSE_DTYPES)}, got {dense_type!r}")
     model, tokenizer = load_any(checkpoint)

@@ -277,7 +277,7 @@ def _add_generation_parsers(sub) -> None:
         g.add_argument("--no-fuse", action="store_true",
                        help="do not run q/k/v and gate/up packed layers as one kernel call each")
         g.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="KV cache kind")
-        g.add_argument("--device", default="cpu", help="cpu (native kernel) or e.g. cuda (reference path)")
+        g.add_argument("--device", default="cpu", help="cpu (native kernel) or e.g. cuda (Triton kernel when triton is installed, else reference)")
         _add_common(g)
         g.set_defaults(func=_generate if name == "generate" else _chat)
 

@@ -74,10 +74,16 @@ def ensure_files() -> dict[str, Path]:
     return files
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM; ru_maxrss would include the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def child(path: Path, tokens: int, repeats: int, threads: int) -> dict:
     """Decode in this process with llama.cpp and return the measurements."""
-    import resource
-
     import numpy as np
     from llama_cpp import Llama
 
@@ -107,8 +113,8 @@ def child(path: Path, tokens: int, repeats: int, threads: int) -> dict:
     return {"file": path.name, "file_mib": round(path.stat().st_size / 2**20, 1), "prompt_tokens": len(ids),
             "new_tokens": tokens, "decode_tokens_per_s": round(tokens / decode, 2),
             "decode_tokens_per_s_all": [round(tokens / r[1], 2) for r in runs], "ms_per_token": round(1000 * decode / tokens, 2),
-            "prefill_s": round(prefill, 4), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "threads": threads, "sample": llm.detokenize(out[:24]).decode("utf-8", "replace")}
+            "prefill_s": round(prefill, 4), "peak_rss_mib": peak_rss_mib(),
+            "threads": threads, "first_ids": out[:12], "sample": llm.detokenize(out[:24], special=True).decode("utf-8", "replace")}
 
 
 def to_markdown(res: dict) -> str:

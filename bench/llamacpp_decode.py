@@ -94,6 +94,8 @@ def child(path: Path, tokens: int, repeats: int, threads: int) -> dict:
     llm = Llama(model_path=str(path), n_ctx=len(ids) + tokens + 8, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
 
+    n_vocab = llm.n_vocab()
+
     def run(n_new: int) -> tuple[float, float, list[int]]:
         llm.reset()
         t0 = time.perf_counter()
@@ -102,7 +104,7 @@ def child(path: Path, tokens: int, repeats: int, threads: int) -> dict:
         out: list[int] = []
         t0 = time.perf_counter()
         for _ in range(n_new):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
             out.append(token)
             llm.eval([token])
         return prefill, time.perf_counter() - t0, out

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# Triton reads this when it is first imported (possibly by torch, before any test module runs):
+# set it here so that Triton kernels run in its CPU interpreter for the whole session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch

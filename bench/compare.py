@@ -18,14 +18,12 @@ Each heavy stage takes the shared heavy-compute lock itself:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from heavy import cached, heavy_lock
 from upq.atomic import write_json_atomic, write_text_atomic
 from upq.checkpoint import save_quantized
 from upq.distill.student import build_student
@@ -37,32 +35,8 @@ from upq.pipeline import run_recipe
 from upq.recipes.schema import load_recipe
 
 RESULTS = Path(__file__).parent / "results"
-LOCK = "/tmp/upq-heavy.lock"
 RECIPES = ("ptq-int4", "rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq")
 INT2_RECIPES = ("rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq")
-
-
-@contextmanager
-def heavy_lock() -> Iterator[None]:
-    """Hold the shared heavy-compute lock (the same file ``flock`` uses)."""
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``compute()`` once under the heavy lock; its JSON result is kept at ``path``."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    with heavy_lock():
-        started = time.perf_counter()
-        result = compute()
-        result["stage_seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(path, result)
-    return result
 
 
 def recipe_overrides(name: str, args: argparse.Namespace) -> list[str]:

@@ -19,14 +19,12 @@ run resumes). Each stage takes the heavy lock itself, so other jobs can interlea
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from heavy import cached, heavy_lock
 from upq.atomic import write_json_atomic, write_text_atomic
 from upq.checkpoint import save_quantized
 from upq.distill.config import DistillConfig
@@ -38,31 +36,7 @@ from upq.models import BUNDLED_MODEL
 from upq.modules import pack_model
 
 RESULTS = Path(__file__).parent / "results"
-LOCK = "/tmp/upq-heavy.lock"
 ROWS = ("progressive:gjsd", "direct:gjsd", "progressive:ntp", "direct:ntp")
-
-
-@contextmanager
-def heavy_lock() -> Iterator[None]:
-    """Hold the shared heavy-compute lock (the same file ``flock`` uses)."""
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``compute()`` once (under the heavy lock); its JSON result is kept at ``path``."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    with heavy_lock():
-        started = time.perf_counter()
-        result = compute()
-        result["stage_seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(path, result)
-    return result
 
 
 def eval_settings(args: argparse.Namespace) -> EvalSettings:

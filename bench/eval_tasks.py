@@ -2,7 +2,8 @@
 
 Default: the bundled SmolLM2-135M-Instruct in float32 (on these 2 CPU cores bf16 is faster only
 at batch 1; batched decoding and prefill were as fast or faster in float32, and less erratic), full IFEval (541 prompts, greedy, chat template, max_new_tokens 512) and
-MMLU 5-shot on a seeded 1000-question subset. Rows are merged by ``--label`` into
+MMLU 5-shot on a seeded 1000-question subset. Rows are merged by ``--label`` (per task:
+a run of ``--tasks ifeval`` keeps the row's earlier MMLU result) into
 ``results/eval_tasks.json`` and rendered to ``results/eval_tasks.md``, so quantized models can
 be added later with the same script::
 
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    previous = next((r for r in rows if r["label"] == label), {})
+    row = {**previous, **row}  # tasks not run this time keep their earlier measurement
     rows = [r for r in rows if r["label"] != label] + [row]
     path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     path.with_suffix(".md").write_text(render(rows))

@@ -100,6 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), limit=args.limit,
         batch_size=args.batch_size, ppl_max_tokens=args.ppl_tokens, kl_prompts=args.kl_prompts,
         kl_max_new_tokens=args.kl_max_new_tokens, ifeval_max_new_tokens=args.max_new_tokens,
+        ifeval_batch_size=args.gen_batch_size,
         mmlu_shots=args.shots, dtype=args.dtype, ppl_source=args.ppl_source,
     )
     result = evaluate(None if args.model == "bundled" else args.model, args.reference, settings, device=args.device)
@@ -329,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="deterministic subset size for mmlu / ifeval")
     e.add_argument("--shots", type=int, default=5, help="MMLU few-shot examples")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--gen-batch-size", type=int, default=64,
+                   help="rows decoded together for IFEval (continuous batching)")
     e.add_argument("--ppl-tokens", type=int, default=32768, help="held-out tokens for perplexity")
     e.add_argument("--ppl-source", default="wiki", help="'wiki' (bundled held-out split), a .txt/.jsonl file or a HF dataset id")
     e.add_argument("--kl-prompts", type=int, default=32)

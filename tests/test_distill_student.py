@@ -53,6 +53,25 @@ def test_delta_init_options(int4_dir: Path) -> None:
     assert torch.allclose(b.get_submodule(name).quantizer.delta, int4.get_submodule(name).scale.float())
 
 
+def test_mse_delta_init_lowers_the_int2_weight_error(int4_dir: Path, tiny_model_dir: Path) -> None:
+    def total_error(model) -> float:
+        return sum(float((m.quantizer.fake_quant(m.weight) - m.weight).pow(2).sum())
+                   for m in model.modules() if isinstance(m, QuantLinear))
+
+    with torch.no_grad():
+        plain = progressive_student(int4_dir, delta_init="max")
+        searched = progressive_student(int4_dir, delta_init="mse")
+        assert searched.info["delta_init"] == "mse"
+        assert total_error(searched.model) < 0.8 * total_error(plain.model)
+        direct_plain = direct_student(str(tiny_model_dir))
+        direct_mse = direct_student(str(tiny_model_dir), delta_init="mse")
+        assert total_error(direct_mse.model) < 0.8 * total_error(direct_plain.model)
+    with pytest.raises(ValueError, match="SEQ grid"):
+        progressive_student(int4_dir, GridSpec("asym", 2, 32), delta_init="mse")
+    with pytest.raises(ValueError, match="direct student"):
+        direct_student(str(tiny_model_dir), delta_init="int4")
+
+
 def test_only_latent_weights_and_scales_train(int4_dir: Path) -> None:
     model = progressive_student(int4_dir).model
     weights, scales = trainable_groups(model)

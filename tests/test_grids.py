@@ -155,3 +155,22 @@ def test_bad_specs_are_clear_errors() -> None:
     assert parse_group_size("channel") is None and parse_group_size("128") == 128
     with pytest.raises(ValueError, match="group size"):
         parse_group_size("big")
+
+
+def test_seq_mse_scale_beats_max_and_keeps_exact_grids() -> None:
+    from upq.grids.seq import seq_codes, seq_levels, seq_mse_scale
+
+    def err(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        d = delta.unsqueeze(-1)
+        return (seq_levels(seq_codes(w, d, 2), d, 2) - w).pow(2).sum(-1)
+
+    w = torch.randn(8, 4, 64, generator=torch.Generator().manual_seed(0))
+    best = seq_mse_scale(w, 2)
+    peak = w.abs().amax(-1)
+    assert best.shape == peak.shape and ((best >= 0.2 * peak - 1e-6) & (best <= peak * 4 / 3 + 1e-6)).all()
+    assert (err(w, best) <= err(w, peak) + 1e-6).all()
+    assert err(w, best).sum() < 0.8 * err(w, peak).sum()  # Gaussian groups: a clear gain at 2 bits
+    # weights already on a 2-bit SEQ grid (Delta = max|w| / 0.75) are found exactly
+    on_grid = torch.tensor([[[0.75, -0.75, 0.25, -0.25, 0.25, 0.75]]]) * 2.0
+    found = seq_mse_scale(on_grid, 2)
+    assert found.item() == pytest.approx(2.0) and err(on_grid, found).item() == pytest.approx(0.0, abs=1e-10)

@@ -158,6 +158,25 @@ def test_score_responses(registry):
         score_responses(exs, ["only one"])
 
 
+def test_verdicts_repeat_when_the_checker_draws_a_random_argument(registry):
+    """letter_frequency with a non-letter (as in the data: "#", "!") makes the official checker
+    pick a random letter; verdicts must still repeat, loose must include strict, and the global
+    random state must be left alone."""
+    import random
+
+    ex = IFEvalExample(7, "p", ("keywords:letter_frequency",),
+                       ({"let_relation": "at least", "letter": "#", "let_frequency": 4},))
+    text = "".join(chr(c) * 5 for c in range(ord("a"), ord("n")))  # half the alphabet, 5 times each
+    random.seed(123)
+    expected_next = random.random()
+    random.seed(123)
+    strict = {tuple(check_instructions(ex, text, registry=registry)) for _ in range(20)}
+    assert random.random() == expected_next
+    loose = {tuple(check_instructions(ex, text, loose=True, registry=registry)) for _ in range(20)}
+    assert len(strict) == 1 and len(loose) == 1
+    assert not strict.pop()[0] or loose.pop()[0]
+
+
 def test_hf_style_none_kwargs_are_dropped():
     ex = ifeval._example({"key": 3, "prompt": "p", "instruction_id_list": ["keywords:existence"],
                           "kwargs": [{"keywords": ["x"], "num_words": None, "relation": None}]})

@@ -100,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), limit=args.limit,
         batch_size=args.batch_size, ppl_max_tokens=args.ppl_tokens, kl_prompts=args.kl_prompts,
         kl_max_new_tokens=args.kl_max_new_tokens, ifeval_max_new_tokens=args.max_new_tokens,
-        ifeval_batch_size=args.gen_batch_size,
+        gen_batch_size=args.gen_batch_size,
         mmlu_shots=args.shots, dtype=args.dtype, ppl_source=args.ppl_source,
     )
     result = evaluate(None if args.model == "bundled" else args.model, args.reference, settings, device=args.device)
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", type=int, default=5, help="MMLU few-shot examples")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--gen-batch-size", type=int, default=64,
-                   help="rows decoded together for IFEval (continuous batching)")
+                   help="rows decoded together when generating (IFEval answers, KL reference answers)")
     e.add_argument("--ppl-tokens", type=int, default=32768, help="held-out tokens for perplexity")
     e.add_argument("--ppl-source", default="wiki", help="'wiki' (bundled held-out split), a .txt/.jsonl file or a HF dataset id")
     e.add_argument("--kl-prompts", type=int, default=32)
@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grid", default="seq", choices=["seq", "asym", "r2q"])
     d.add_argument("--bits", type=int, default=2)
     d.add_argument("--group-size", default="channel")
-    d.add_argument("--delta-init", default="max", choices=["max", "int4"], help="INT2 scale init: max|W_int4| per row or Delta4")
+    d.add_argument("--delta-init", default="max", choices=["max", "int4", "mse"],
+                   help="INT2 scale init: max|W| per row/group, Delta4, or the weight-MSE-optimal scale")
     d.add_argument("--include", action="append", help="regex on module names to quantize (direct init)")
     d.add_argument("--exclude", action="append", help="regex on module names to keep in full precision (direct init)")
     d.add_argument("--loss", default="gjsd", choices=["gjsd", "forward_kl", "reverse_kl", "cakld", "ntp"])
@@ -381,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, default=0.95)
     d.add_argument("--max-new-tokens", type=int, default=256, help="teacher response length")
     d.add_argument("--responses-per-prompt", type=int, default=1)
-    d.add_argument("--gen-batch-size", type=int, default=8)
+    d.add_argument("--gen-batch-size", type=int, default=32)
     d.add_argument("--data-cache", help="teacher-response cache directory (default: $UPQ_CACHE/distill-data)")
     length = d.add_mutually_exclusive_group(required=True)
     length.add_argument("--tokens", type=int, help="nominal training tokens (sets the number of steps)")

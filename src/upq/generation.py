@@ -235,12 +235,16 @@ def generate_ids(
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
     started, tokens = time.perf_counter(), 0
 
+    shown = started
+
     def on_tokens(n_new: int, finished: int) -> None:
-        nonlocal tokens
+        nonlocal tokens, shown
         tokens += n_new
-        if bar is not None and finished:
+        now = time.perf_counter()
+        if bar is not None and (finished or now - shown > 2.0):  # alive even while no row ends
             bar.update(finished)
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(now - started, 1e-9):.0f}")
+            shown = now
 
     was_training = model.training
     model.eval()

@@ -122,7 +122,7 @@ class ChatSettings:
     top_p: float = 0.95
     max_new_tokens: int = 256
     responses_per_prompt: int = 1
-    batch_size: int = 8
+    batch_size: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:

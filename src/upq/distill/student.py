@@ -4,7 +4,9 @@
   layer to a float latent weight (exactly the INT4 values), then wrap it in an INT2
   ``QuantLinear``. Delta2 starts at max|W_int4| per row (the SEQ quantizer's own init,
   ``delta_init="max"``) or at Delta4 (``delta_init="int4"``); both nest the 16 INT4 levels
-  into the 4 INT2 levels, four INT4 levels per INT2 level, with no rounding ties.
+  into the 4 INT2 levels, four INT4 levels per INT2 level, with no rounding ties. Or
+  ``delta_init="mse"``: the per-row/group scale that minimises the INT2 weight error (searched over
+  fractions of max|W|); it gives up the clean nesting for a much closer INT2 start.
 * **direct** (the ablation): the original model's float weights, quantized straight to INT2.
 
 Only the INT2 latent weights and their quantizer scales train; everything else is frozen.
@@ -22,12 +24,13 @@ from torch import nn
 from ..checkpoint import load as load_checkpoint
 from ..checkpoint import load_tokenizer
 from ..grids import GridSpec
+from ..grids.seq import SEQQuantizer
 from ..loading import is_upq_checkpoint, source_model_of
 from ..models import fix_special_tokens, load_model
 from ..modules import PackedLinear, QuantLinear, _set_submodule
 
 INITS = ("progressive", "direct")
-DELTA_INITS = ("max", "int4")
+DELTA_INITS = ("max", "int4", "mse")
 
 
 @dataclass
@@ -56,7 +59,16 @@ def _int2_from_packed(layer: PackedLinear, spec: GridSpec, delta_init: str) -> Q
             )
         with torch.no_grad():
             quant.quantizer.delta.copy_(scale.abs().clamp_min(1e-8))
+    elif delta_init == "mse":
+        _init_mse(quant)
     return quant
+
+
+def _init_mse(layer: QuantLinear) -> None:
+    """Weight-MSE-optimal Delta for a SEQ ``QuantLinear`` (other grids have no such init)."""
+    if not isinstance(layer.quantizer, SEQQuantizer):
+        raise ValueError(f"delta_init='mse' needs the SEQ grid, not {layer.spec.grid!r}")
+    layer.quantizer.init_mse(layer.weight)
 
 
 def progressive_student(
@@ -90,15 +102,26 @@ def direct_student(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     device: str | torch.device = "cpu",
+    delta_init: str = "max",
 ) -> Student:
-    """INT2 student initialised straight from the original model's float weights."""
+    """INT2 student initialised straight from the original model's float weights.
+
+    ``delta_init``: ``"max"`` (the grid's own init) or ``"mse"`` (SEQ only, see :func:`_init_mse`).
+    """
     from ..modules import quantize_model
 
+    if delta_init not in ("max", "mse"):
+        raise ValueError(f"a direct student's delta_init must be 'max' or 'mse', got {delta_init!r}")
     model, tokenizer = load_model(model_name, dtype=torch.float32, device="cpu")
     names = quantize_model(model, spec, include, exclude)
+    if delta_init == "mse":
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                _init_mse(module)
     model.to(device)
     freeze_except_quant(model)
-    info = {"init": "direct", "from": model_name, "layers": len(names), "grid": spec.describe()}
+    info = {"init": "direct", "from": model_name, "layers": len(names), "grid": spec.describe(),
+            "delta_init": delta_init}
     return Student(model, tokenizer, model_name, info)
 
 
@@ -119,7 +142,7 @@ def build_student(
             raise ValueError("progressive initialisation needs the INT4 checkpoint directory (--from)")
         return progressive_student(int4_dir, spec, delta_init, device)
     if init == "direct":
-        return direct_student(model_name, spec, include, exclude, device)
+        return direct_student(model_name, spec, include, exclude, device, delta_init)
     raise ValueError(f"student init must be one of {INITS}, got {init!r}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -123,10 +124,17 @@ def _checker(registry: dict[str, Any], example: IFEvalExample, index: int) -> An
     except KeyError:
         raise KeyError(f"unknown IFEval instruction {instruction_id!r}") from None
     checker = cls(instruction_id)
-    checker.build_description(**example.kwargs[index])
-    args = checker.get_instruction_args()
-    if args and "prompt" in args:  # repeat_prompt compares against the prompt itself
-        checker.build_description(prompt=example.prompt)
+    # The official checkers draw a random value for an argument the data leaves invalid (e.g.
+    # letter_frequency with letter "#"); seeding per (prompt, instruction) makes verdicts repeatable.
+    state = random.getstate()
+    random.seed(f"{example.key}:{index}")
+    try:
+        checker.build_description(**example.kwargs[index])
+        args = checker.get_instruction_args()
+        if args and "prompt" in args:  # repeat_prompt compares against the prompt itself
+            checker.build_description(prompt=example.prompt)
+    finally:
+        random.setstate(state)
     return checker
 
 

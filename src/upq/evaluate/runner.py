@@ -37,7 +37,7 @@ class EvalSettings:
     mmlu_shots: int = 5
     limit: int | None = None
     ifeval_max_new_tokens: int = 1280
-    ifeval_batch_size: int = 64
+    gen_batch_size: int = 64
     batch_size: int = 8
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +104,7 @@ def evaluate(model_name: str | None, reference: str | None = None, settings: Eva
         result["reference"] = reference or "bundled"
         teacher = model if _same_model(model_name, reference) else load_any(reference, dtype=dtype, device=device)[0]
         ref = build_reference(teacher, tokenizer, load_prompts("eval")[: settings.kl_prompts],
-                              max_new_tokens=settings.kl_max_new_tokens, batch_size=settings.batch_size,
+                              max_new_tokens=settings.kl_max_new_tokens, batch_size=settings.gen_batch_size,
                               cache_dir=cache_dir() / "references", progress=progress_enabled())
         result["metrics"]["kl"] = kl_and_agreement(model, teacher, ref, batch_size=max(1, settings.batch_size // 2))
         result["timings_s"]["kl"] = round(time.perf_counter() - t0, 2)
@@ -124,7 +124,7 @@ def evaluate(model_name: str | None, reference: str | None = None, settings: Eva
         t0 = time.perf_counter()
         result["metrics"]["ifeval"] = run_ifeval(model, tokenizer, limit=settings.limit,
                                                  max_new_tokens=settings.ifeval_max_new_tokens,
-                                                 batch_size=settings.ifeval_batch_size)
+                                                 batch_size=settings.gen_batch_size)
         result["timings_s"]["ifeval"] = round(time.perf_counter() - t0, 2)
     result["timings_s"]["total"] = round(time.perf_counter() - started, 2)
     return result

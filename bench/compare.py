@@ -196,12 +196,14 @@ def verdict(rows: dict[str, dict[str, Any]], variants: dict[str, dict[str, Any]]
     others = [rows[n] for n in INT2_RECIPES if n != "upq" and n in rows]
     parts = []
     for key, label, better in (("kl", "KL", min), ("ifeval_prompt_strict", "IFEval prompt-level strict", max)):
-        if key not in upq:
+        if key not in upq or not others:
             continue
         best_other = better(others, key=lambda r: r[key])
         wins = all((upq[key] < r[key]) if better is min else (upq[key] > r[key]) for r in others)
         parts.append(f"{label}: UPQ {upq[key]:.4g} vs best other INT2 row {best_other['row']} {best_other[key]:.4g} -> "
                      f"UPQ {'beats every other INT2 row' if wins else 'does NOT beat every other INT2 row'}.")
+    if not parts:
+        return ("No other shipped INT2 recipe in this run: no verdict." + tail).strip()
     return "Verdict at this budget: " + " ".join(parts) + tail
 
 

@@ -62,7 +62,7 @@ def run_one_recipe(name: str, args: argparse.Namespace, work: Path, recipe_name:
     out, stage_work = work / name, work / f"{name}.work"
     if recipe_name and recipe_name != name:
         stage_work.mkdir(parents=True, exist_ok=True)
-        reused = reuse_finished_stages(recipe.as_dict(), stage_work, [work / f"{recipe_name}.work"])
+        reused = reuse_finished_stages(recipe.as_dict(), stage_work, work / f"{recipe_name}.work")
         if reused:
             print(f"{name}: reusing finished stage(s) {reused} of {recipe_name}", flush=True)
     run_recipe(recipe, None, out, work_dir=stage_work, keep_work=True)
@@ -82,29 +82,26 @@ def run_one_recipe(name: str, args: argparse.Namespace, work: Path, recipe_name:
             "heldout_kl_curve": curve}
 
 
-def reuse_finished_stages(recipe_dict: dict[str, Any], stage_work: Path, donors: list[Path]) -> list[str]:
-    """Copy finished leading stages that a donor run (same model) computed with identical settings.
+def reuse_finished_stages(recipe_dict: dict[str, Any], stage_work: Path, donor: Path) -> list[str]:
+    """Copy the finished leading stages that the run in ``donor`` computed with identical settings.
 
     A variant that only changes the distillation stage then skips the PTQ stage it shares with
     the row it varies. Returns the copied stage directory names.
     """
+    marker = donor / "recipe.json"
+    if not marker.is_file():
+        return []
     stages = json.loads(json.dumps(recipe_dict["stages"], default=str))
-    for donor in donors:
-        marker = donor / "recipe.json"
-        if not marker.is_file():
-            continue
-        donor_stages = json.loads(marker.read_text())["recipe"]["stages"]
-        copied = []
-        for index, (mine, theirs) in enumerate(zip(stages, donor_stages)):
-            name = f"{index}-{mine['stage']}"
-            if mine != theirs or not (donor / name / "DONE.json").is_file():
-                break
-            if not (stage_work / name).exists():
-                shutil.copytree(donor / name, stage_work / name)
-            copied.append(name)
-        if copied:
-            return copied
-    return []
+    donor_stages = json.loads(marker.read_text())["recipe"]["stages"]
+    copied = []
+    for index, (mine, theirs) in enumerate(zip(stages, donor_stages)):
+        name = f"{index}-{mine['stage']}"
+        if mine != theirs or not (donor / name / "DONE.json").is_file():
+            break
+        if not (stage_work / name).exists():
+            shutil.copytree(donor / name, stage_work / name)
+        copied.append(name)
+    return copied
 
 
 def save_progressive_init(int4_dir: Path, out: Path) -> None:

@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .interactive import eos_token_ids
 from .kv_slots import SlotKVCache
+from .sampling import pick_tokens
 
 __all__ = ["Generation", "render_prompt", "pick_tokens", "generate_ids", "generate"]
 
@@ -49,19 +50,6 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat: bool
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of ``logits`` ``[rows, vocab]``: greedy, or temperature + nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p  # never drops the top token
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @dataclass
@@ -117,10 +105,10 @@ class _ContinuousBatch:
     def _accept(self, slots: list[int], tokens: torch.Tensor) -> None:
         """Record one new token per slot in ``slots``; end rows that stop."""
         finished = 0
+        self.last[slots] = tokens
         for s, token in zip(slots, tokens.tolist()):
             row = self.rows[s]
             row.response.append(token)
-            self.last[s] = token
             if token in self.eos or len(row.response) >= self.max_new:
                 ids = self.encoded[row.index]
                 self.results[row.index] = Generation(list(ids), row.response, token in self.eos)

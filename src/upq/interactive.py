@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
+from .sampling import pick_tokens
+
 __all__ = ["SamplingSettings", "GenerationStats", "TimingStreamer", "encode_chat", "stream_generate", "chat_loop"]
 
 
@@ -120,18 +122,7 @@ def _make_cache(model: PreTrainedModel, kind: str, max_len: int):
 
 def _select(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> int:
     """Next token id from last-position logits (1-D): greedy, or temperature/top-k/top-p sampling."""
-    if settings.temperature <= 0:
-        return int(torch.argmax(logits))
-    scores = logits.float() / settings.temperature
-    if settings.top_k:
-        kth = torch.topk(scores, min(settings.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if settings.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < settings.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(pick_tokens(logits[None], settings.temperature, settings.top_p, generator, settings.top_k)[0])
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@
   ``delta_init="max"``) or at Delta4 (``delta_init="int4"``); both nest the 16 INT4 levels
   into the 4 INT2 levels, four INT4 levels per INT2 level, with no rounding ties. Or
   ``delta_init="mse"``: the per-row/group scale that minimises the INT2 weight error (searched over
-  fractions of max|W|); it gives up the clean nesting for a much closer INT2 start.
+  fractions of max|W|); it gives up the clean nesting for a closer INT2 weight fit (which did not
+  give a lower starting KL on the bundled model: ``bench/results/compare_upq_variants.md``).
 * **direct** (the ablation): the original model's float weights, quantized straight to INT2.
 
 Only the INT2 latent weights and their quantizer scales train; everything else is frozen.

@@ -29,17 +29,18 @@ from typing import Any
 from heavy import cached, heavy_lock
 from upq.atomic import write_json_atomic, write_text_atomic
 from upq.checkpoint import save_quantized
+from upq.distill.config import DistillConfig
 from upq.distill.student import build_student
 from upq.distill.trainer import read_metrics
 from upq.evaluate.runner import EvalSettings, evaluate, machine
 from upq.models import BUNDLED_MODEL
 from upq.modules import pack_model
 from upq.pipeline import run_recipe
-from upq.recipes.schema import load_recipe
+from upq.recipes.schema import Recipe, load_recipe
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES = ("ptq-int4", "rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq")
-INT2_RECIPES = ("rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq")
+RECIPES = ("ptq-int4", "rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq-paper", "upq")
+INT2_RECIPES = ("rtn-int2", "direct-qat", "ntp-qat", "bitdistiller", "r2q", "upq-paper", "upq")
 
 
 def recipe_overrides(name: str, args: argparse.Namespace) -> list[str]:
@@ -60,11 +61,11 @@ def run_one_recipe(name: str, args: argparse.Namespace, work: Path, recipe_name:
     overrides = recipe_overrides(recipe_name or name, args) + list(extra)
     recipe = load_recipe(recipe_name or name, args.budget, overrides)
     out, stage_work = work / name, work / f"{name}.work"
-    if recipe_name and recipe_name != name:
+    if not (stage_work / "recipe.json").is_file():
         stage_work.mkdir(parents=True, exist_ok=True)
-        reused = reuse_finished_stages(recipe.as_dict(), stage_work, work / f"{recipe_name}.work")
+        reused = reuse_finished_stages(recipe.as_dict(), stage_work, sorted(work.glob("*.work")))
         if reused:
-            print(f"{name}: reusing finished stage(s) {reused} of {recipe_name}", flush=True)
+            print(f"{name}: reusing finished stage(s) {reused} of an earlier row", flush=True)
     run_recipe(recipe, None, out, work_dir=stage_work, keep_work=True)
     config = json.loads((out / "config.json").read_text())
     stages = config["quantization_config"]["stages"]
@@ -82,33 +83,48 @@ def run_one_recipe(name: str, args: argparse.Namespace, work: Path, recipe_name:
             "heldout_kl_curve": curve}
 
 
-def reuse_finished_stages(recipe_dict: dict[str, Any], stage_work: Path, donor: Path) -> list[str]:
-    """Copy the finished leading stages that the run in ``donor`` computed with identical settings.
+def reuse_finished_stages(recipe_dict: dict[str, Any], stage_work: Path, donors: list[Path]) -> list[str]:
+    """Copy the finished leading stages that an earlier run (one of ``donors``) computed with identical settings.
 
-    A variant that only changes the distillation stage then skips the PTQ stage it shares with
-    the row it varies. Returns the copied stage directory names.
+    A variant that only changes a later stage then skips the stages it shares with an earlier
+    row (the donor sharing the longest finished prefix). Returns the copied stage directory names.
     """
-    marker = donor / "recipe.json"
-    if not marker.is_file():
-        return []
     stages = json.loads(json.dumps(recipe_dict["stages"], default=str))
-    donor_stages = json.loads(marker.read_text())["recipe"]["stages"]
-    copied = []
-    for index, (mine, theirs) in enumerate(zip(stages, donor_stages)):
-        name = f"{index}-{mine['stage']}"
-        if mine != theirs or not (donor / name / "DONE.json").is_file():
-            break
+    best: tuple[list[str], Path | None] = ([], None)
+    for donor in donors:
+        marker = donor / "recipe.json"
+        if donor == stage_work or not marker.is_file():
+            continue
+        names = []
+        for index, (mine, theirs) in enumerate(zip(stages, json.loads(marker.read_text())["recipe"]["stages"])):
+            name = f"{index}-{mine['stage']}"
+            if mine != theirs or not (donor / name / "DONE.json").is_file():
+                break
+            names.append(name)
+        if len(names) > len(best[0]):
+            best = (names, donor)
+    names, donor = best
+    for name in names:
         if not (stage_work / name).exists():
             shutil.copytree(donor / name, stage_work / name)
-        copied.append(name)
-    return copied
+    return names
 
 
-def save_progressive_init(int4_dir: Path, out: Path) -> None:
-    """The untrained INT2 student of the progressive path (Delta_2 from the INT4 weights), packed."""
-    student = build_student("progressive", int4_dir=str(int4_dir), model_name=None)
+def progressive_start(recipe: Recipe, stage_work: Path) -> tuple[DistillConfig, Path] | None:
+    """(distill config, checkpoint it starts from) of a recipe whose distill stage is progressive."""
+    for index, stage in enumerate(recipe.stages):
+        if stage.kind == "distill" and stage.config.student_init == "progressive" and index > 0:
+            previous = recipe.stages[index - 1]
+            return stage.config, stage_work / f"{index - 1}-{previous.kind}" / "out"
+    return None
+
+
+def save_untrained_start(cfg: DistillConfig, start_dir: Path, out: Path) -> None:
+    """The untrained INT2 student of a progressive distill stage (its hand-off from ``start_dir``), packed."""
+    student = build_student("progressive", int4_dir=str(start_dir), spec=cfg.spec, delta_init=cfg.delta_init,
+                            include=cfg.include, exclude=cfg.exclude, calibration=cfg.calibration)
     pack_model(student.model)
-    save_quantized(student.model, out, student.tokenizer, method="int2-init-progressive",
+    save_quantized(student.model, out, student.tokenizer, method="int2-untrained-start",
                    extra={"source_model": BUNDLED_MODEL, "student_init": student.info})
 
 
@@ -215,6 +231,8 @@ def main() -> None:
     parser.add_argument("--ifeval-limit", type=int, default=48)
     parser.add_argument("--ifeval-max-new-tokens", type=int, default=128)
     parser.add_argument("--name", default="compare")
+    parser.add_argument("--starts", action=argparse.BooleanOptionalAction, default=True,
+                        help="also evaluate the untrained INT2 start of every progressive row")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME RECIPE", "KEY=VALUE"),
                         help="an extra row: NAME, a shipped RECIPE and its overrides, e.g. "
                              "--variant upq-g64 upq ptq.group_size=64 distill.group_size=64")
@@ -235,17 +253,33 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = [{"row": "FP (original)", **metrics_of(ev("fp", None))}]
     by_name: dict[str, dict[str, Any]] = {}
+    seen_starts: set[str] = set()
+
+    def start_row(name: str, recipe: Recipe) -> None:
+        """The untrained INT2 start of a progressive row, evaluated alike (``--starts``), once per distinct start."""
+        found = progressive_start(recipe, work / f"{name}.work")
+        if not args.starts or found is None:
+            return
+        cfg = found[0]
+        stages = recipe.as_dict()["stages"]
+        key = json.dumps([stages[: next(i for i, s in enumerate(stages) if s["stage"] == "distill")],
+                          cfg.spec.describe(), cfg.delta_init, asdict(cfg.calibration)], sort_keys=True, default=str)
+        if key in seen_starts:
+            return
+        seen_starts.add(key)
+        start = work / f"{name}-start"
+        if not (start / "config.json").is_file():
+            with heavy_lock():
+                save_untrained_start(*found, start)
+        rows.append({"row": f"{name}: INT2 start before distillation ({found[0].delta_init} hand-off)",
+                     **metrics_of(ev(f"{name}-start", str(start)))})
+
     for name in args.recipes.split(","):
         built = cached(work / "evals" / f"build-{name}.json", lambda: run_one_recipe(name, args, work))
         row = {"row": name, **metrics_of(ev(name, str(work / name))), **built}
         rows.append(row)
         by_name[name] = row
-        if name == "upq":
-            init = work / "upq-int2-init"
-            if not (init / "config.json").is_file():
-                with heavy_lock():
-                    save_progressive_init(work / "upq.work" / "0-ptq" / "out", init)
-            rows.append({"row": "upq INT2 start, untrained (progressive init)", **metrics_of(ev("upq-int2-init", str(init)))})
+        start_row(name, load_recipe(name, args.budget, recipe_overrides(name, args)))
     variants: dict[str, dict[str, Any]] = {}
     for name, recipe_name, *extra in args.variant:
         built = cached(work / "evals" / f"build-{name}.json",
@@ -254,6 +288,7 @@ def main() -> None:
                **metrics_of(ev(name, str(work / name))), **built}
         rows.append(row)
         variants[name] = row
+        start_row(name, load_recipe(recipe_name, args.budget, recipe_overrides(recipe_name, args) + list(extra)))
 
     tokens = sorted({r["train_tokens"] for r in by_name.values() if r.get("train_tokens")})
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),

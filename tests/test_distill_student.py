@@ -74,12 +74,24 @@ def test_mse_delta_init_lowers_the_int2_weight_error(int4_dir: Path, tiny_model_
 
 def test_only_latent_weights_and_scales_train(int4_dir: Path) -> None:
     model = progressive_student(int4_dir).model
-    weights, scales = trainable_groups(model)
+    groups = trainable_groups(model)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in weights + scales}
-    assert len(weights) == 14 and len(scales) == 14
+    assert trainable == {id(p) for p in groups["weights"] + groups["scales"]}
+    assert len(groups["weights"]) == 14 and len(groups["scales"]) == 14
     assert not model.get_input_embeddings().weight.requires_grad
     assert not model.lm_head.weight.requires_grad
+
+
+def test_scale_only_and_norm_training_choices(int4_dir: Path) -> None:
+    model = progressive_student(int4_dir, train=("scales",)).model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 14 and all(n.endswith("quantizer.delta") for n in trainable)
+    model = progressive_student(int4_dir, train=("scales", "norms")).model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    norms = [n for n in trainable if "norm" in n]
+    assert len(norms) == 2 * 2 + 1  # two per block and the final norm
+    with pytest.raises(ValueError, match="train must be"):
+        progressive_student(int4_dir, train=("biases",))
 
 
 def test_direct_init_starts_from_original_weights(tiny_model_dir: Path) -> None:

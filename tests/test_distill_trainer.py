@@ -143,3 +143,40 @@ def test_runs_with_different_precisions_share_one_process(setup, tmp_path: Path)
     fp32 = distill(tiny_config(int4, corpus, steps=2, mixed_precision="no"), None, tmp_path / "a")
     bf16 = distill(tiny_config(int4, corpus, steps=2, mixed_precision="bf16"), None, tmp_path / "b")
     assert bf16.losses != fp32.losses and bf16.losses == pytest.approx(fp32.losses, rel=0.2)
+
+
+def test_loss_schedule_switches_after_first_steps(setup, tmp_path: Path) -> None:
+    int4, corpus = setup
+    cfg = tiny_config(int4, corpus, steps=4, first_loss="forward_kl", first_loss_steps=2)
+    distill(cfg, None, tmp_path / "work")
+    names = [r["loss_name"] for r in read_metrics(tmp_path / "work") if r["step"] > 0]
+    assert names == ["forward_kl", "forward_kl", "gjsd", "gjsd"]
+    with pytest.raises(ValueError, match="go together"):
+        tiny_config(int4, corpus, first_loss="forward_kl")
+
+
+def test_scale_only_training_leaves_latent_weights(setup, tmp_path: Path) -> None:
+    int4, corpus = setup
+    result = distill(tiny_config(int4, corpus, steps=3, train=("scales",)), tmp_path / "out", tmp_path / "work")
+    student = load(tmp_path / "out")
+    start = load(int4)
+    name = "model.layers.0.mlp.up_proj"
+    # the INT2 codes of a scale-only run are the nested INT4 codes under the trained scales; the
+    # latent weights did not move, so the codes equal a re-encoding of the INT4 weights
+    from upq.grids.seq import seq_codes
+
+    w4 = start.get_submodule(name).dequantize()
+    scale = student.get_submodule(name).scale.float()
+    assert torch.equal(student.get_submodule(name).quantized().codes, seq_codes(w4, scale, 2))
+    assert result.summary["scale_rel_change_median"] > 0
+
+
+def test_scale_eps_fix_moves_small_gradient_scales(setup, tmp_path: Path) -> None:
+    """Delta gradients carry the LSQ factor and sit near Adam's usual eps: with eps 1e-8 the scales
+    move less than with the fixed (tiny) eps."""
+    int4, corpus = setup
+    moved = {}
+    for eps in (1e-8, 1e-12):
+        cfg = tiny_config(int4, corpus, steps=3, train=("scales",), lr_scale=1e-3, scale_eps=eps)
+        moved[eps] = distill(cfg, None, tmp_path / f"w{eps}").summary["scale_rel_change_median"]
+    assert moved[1e-12] > moved[1e-8]

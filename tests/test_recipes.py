@@ -12,25 +12,36 @@ import upq
 from upq.pipeline import run_recipe
 from upq.recipes.schema import RecipeError, builtin_recipes, load_recipe
 
-SHIPPED = ["upq", "bitdistiller", "r2q", "direct-qat", "ntp-qat", "rtn-int2", "rtn-int4", "ptq-int4"]
+SHIPPED = ["upq", "upq-paper", "bitdistiller", "r2q", "direct-qat", "ntp-qat", "rtn-int2", "rtn-int4", "ptq-int4"]
 
 
 def test_all_recipes_ship_and_validate() -> None:
     assert set(SHIPPED) <= set(builtin_recipes())
     for name in SHIPPED:
-        for budget in ("cpu", "gpu"):
+        for budget in ("cpu", "cpu-long", "gpu"):
             recipe = load_recipe(name, budget)
             assert recipe.stages and recipe.as_dict()["stages"][0]["stage"] == recipe.stages[0].kind
+
+
+def _stage(recipe, kind: str):
+    return next(s.config for s in recipe.stages if s.kind == kind)
 
 
 def test_budget_and_overrides_apply() -> None:
     cpu = load_recipe("upq", "cpu")
     gpu = load_recipe("upq", "gpu")
-    assert cpu.stages[0].config.samples < gpu.stages[0].config.samples
-    assert cpu.stages[1].config.tokens < gpu.stages[1].config.tokens
-    tuned = load_recipe("upq", "cpu", ["distill.beta=0.25", "ptq.samples=7", "distill.data.kind=text"])
-    assert tuned.stages[1].config.beta == 0.25 and tuned.stages[0].config.samples == 7
-    assert tuned.stages[1].config.data.kind == "text" and tuned.stages[1].config.data.seq_len == 256
+    long = load_recipe("upq", "cpu-long")
+    assert _stage(cpu, "ptq").samples < _stage(gpu, "ptq").samples
+    assert _stage(cpu, "distill").tokens < _stage(long, "distill").tokens < _stage(gpu, "distill").tokens
+    # cpu-long starts from the cpu settings and changes only what it names
+    assert _stage(long, "ptq").samples == _stage(cpu, "ptq").samples
+    assert _stage(long, "distill").data.seq_len == _stage(cpu, "distill").data.seq_len == 256
+    tuned = load_recipe("upq", "cpu", ["distill.beta=0.25", "ptq.samples=7", "distill.data.kind=text",
+                                       "int2-blocks.objective=mse", "distill.lr_scale=1e-4"])
+    assert _stage(tuned, "distill").lr_scale == 1e-4  # YAML 1.1 reads 1e-4 as a string; accepted as a number
+    assert _stage(tuned, "distill").beta == 0.25 and _stage(tuned, "ptq").samples == 7
+    assert _stage(tuned, "distill").data.kind == "text" and _stage(tuned, "distill").data.seq_len == 256
+    assert _stage(tuned, "int2-blocks").objective == "mse" and _stage(tuned, "int2-blocks").init_from == "@previous"
 
 
 @pytest.mark.parametrize(
@@ -39,6 +50,7 @@ def test_budget_and_overrides_apply() -> None:
         ("ptq.smaples=3", r"stages\[0\]\(ptq\)\.smaples: unknown key"),
         ("ptq.samples=many", r"ptq\)\.samples: expected an integer"),
         ("distill.beta=[1]", r"distill\)\.beta: expected a number"),
+        ("distill.beta=high", r"distill\)\.beta: expected a number"),
         ("distill.data.knd=text", r"data\.knd: unknown key"),
         ("distill.loss=mse", "unknown loss"),
         ("clip.bits=2", "clip: override/budget for a stage this recipe does not have"),
@@ -77,6 +89,7 @@ def corpus(tmp_path: Path) -> Path:
 
 TINY = [
     "ptq.samples=4", "ptq.seq_len=32", "ptq.epochs=1",
+    "int2-blocks.samples=4", "int2-blocks.seq_len=32", "int2-blocks.epochs=1",
     "distill.steps=3", "distill.tokens=null", "distill.batch_size=2", "distill.data.seq_len=128",
     "distill.data.chat.max_new_tokens=8", "distill.data.heldout_samples=2", "distill.save_every=2",
     "clip.samples=2", "clip.seq_len=32", "clip.tokens_per_layer=32",
@@ -89,8 +102,8 @@ def test_recipe_end_to_end_on_tiny_model(name: str, tiny_model_dir: Path, corpus
     monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
     kinds = {s.kind for s in load_recipe(name).stages}
     overrides = [o for o in TINY if o.split(".")[0] in kinds]
-    if "ptq" in kinds:
-        overrides.append(f"ptq.calib_source={corpus}")
+    for kind in {"ptq", "int2-blocks"} & kinds:
+        overrides.append(f"{kind}.calib_source={corpus}")
     if "clip" in kinds:
         overrides.append(f"clip.calib_source={corpus}")
     if "distill" in kinds:

@@ -16,6 +16,7 @@ import torch
 from .atomic import write_json_atomic
 from .logs import get_logger, setup_logging
 from .kernels.ops import BACKENDS
+from .recipes.schema import BUDGETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,10 +81,11 @@ def _run_recipe(args: argparse.Namespace) -> int:
 def _recipes(args: argparse.Namespace) -> int:
     from .recipes.schema import builtin_recipes, read_recipe_file
 
-    for name in builtin_recipes():
-        raw = read_recipe_file(name)
-        stages = " -> ".join(s.get("stage", "?") for s in raw.get("stages", []))
-        print(f"{name:14s} {stages:16s} {' '.join(str(raw.get('description', '')).split())}")
+    raws = {name: read_recipe_file(name) for name in builtin_recipes()}
+    stages = {name: " -> ".join(s.get("stage", "?") for s in raw.get("stages", [])) for name, raw in raws.items()}
+    width = max(map(len, stages.values()))
+    for name, raw in raws.items():
+        print(f"{name:14s} {stages[name]:{width}s} {' '.join(str(raw.get('description', '')).split())}")
     return 0
 
 
@@ -197,6 +199,40 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _self_instruct(args: argparse.Namespace) -> int:
+    from .atomic import write_text_atomic
+    from .distill.data import ChatSettings, DataConfig
+    from .distill.self_instruct import SelfInstructSettings, self_instruct_pairs
+    from .models import BUNDLED_MODEL, load_model
+
+    if args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    model = None if args.model in (None, "bundled") else args.model
+    if model is not None and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"model not found: {model}")
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a .jsonl file path")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create the directory of --out {out}: {exc.strerror or exc}") from None
+    teacher, tokenizer = load_model(model, dtype=DTYPES[args.dtype], device=args.device)
+    cache = Path(args.data_cache).expanduser() if args.data_cache else DataConfig().response_cache()
+    pairs = self_instruct_pairs(teacher, tokenizer, args.count, SelfInstructSettings(), ChatSettings(seed=args.seed),
+                                cache)
+    lines = [json.dumps({"instruction": p["instruction"], "response": tokenizer.decode(
+        p["response_ids"], skip_special_tokens=True).strip(), "finished": p["finished"]}, ensure_ascii=False)
+        for p in pairs]
+    if out is None:
+        print("\n".join(lines))
+        return 0
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
+    print(json.dumps({"out": str(out), "pairs": len(pairs), "model": args.model or BUNDLED_MODEL, "seed": args.seed}))
+    return 0
+
+
 def _load_for_generation(args: argparse.Namespace):
     """(model, tokenizer) for ``upq generate`` / ``upq chat``, with the PackedLinear backend set."""
     from .loading import load_any
@@ -291,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint")
     q.add_argument("--model", help="Hugging Face id or local directory (default: bundled SmolLM2-135M-Instruct)")
     q.add_argument("--recipe", help="a shipped recipe name (see `upq recipes`) or a recipe YAML file")
-    q.add_argument("--budget", default="cpu", choices=["cpu", "gpu"], help="recipe budget preset")
+    q.add_argument("--budget", default="cpu", choices=list(BUDGETS), help="recipe budget preset")
     q.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="override a recipe key (repeatable)")
     q.add_argument("--method", default="rtn", choices=["rtn", "blockwise-ptq"], help="single method when no --recipe")
     q.add_argument("--grid", default="seq", choices=["seq", "asym", "r2q"])
@@ -410,6 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--save-every", type=int, default=100)
     _add_common(d)
     d.set_defaults(func=_distill)
+
+    si = sub.add_parser("self-instruct", help="have the teacher write instructions and answer them (cached "
+                        "distillation data); prints or writes them as JSONL")
+    si.add_argument("--count", type=int, required=True, help="instruction/answer pairs wanted")
+    si.add_argument("--model", help="teacher: local dir or hub id (default: bundled SmolLM2-135M-Instruct)")
+    si.add_argument("--seed", type=int, default=0, help="data seed (the same as `upq distill --seed`)")
+    si.add_argument("--out", help="write the pairs here as JSONL (default: print them)")
+    si.add_argument("--data-cache", help="cache directory (default: $UPQ_CACHE/distill-data, shared with distill)")
+    si.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="teacher dtype (part of the cache key)")
+    si.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_common(si)
+    si.set_defaults(func=_self_instruct)
     _add_generation_parsers(sub)
     return parser
 

@@ -182,7 +182,7 @@ class _ContinuousBatch:
 def generate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     *,
     chat: bool = True,
     max_new_tokens: int = 128,
@@ -194,6 +194,7 @@ def generate_ids(
 ) -> list[Generation]:
     """Generate a response to each prompt; returns token ids in the order of ``prompts``.
 
+    A prompt is a text (rendered by :func:`render_prompt`) or a list of token ids used as is.
     Continuous batching over ``batch_size`` rows: prompts go longest first, and a row that stops
     is refilled with the next prompts (see :class:`_ContinuousBatch`). ``temperature == 0`` is
     greedy decoding; sampling is seeded with ``seed`` (results then also depend on ``batch_size``).
@@ -208,7 +209,7 @@ def generate_ids(
         return []
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    encoded = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
+    encoded = [render_prompt(tokenizer, p, chat=chat) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     if any(not e for e in encoded):
         raise ValueError("an empty prompt encodes to no tokens")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))

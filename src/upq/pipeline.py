@@ -93,8 +93,13 @@ def run_recipe(recipe: Recipe, model_name: str | None, out: str | Path, work_dir
                 details = _run_rtn(stage.config, float_model, stage_out)
             elif stage.kind == "clip":
                 details = _run_clip(stage.config, float_model, stage_out)
-            elif stage.kind == "ptq":
-                details = _run_ptq(stage.config, float_model, stage_out, stage_dir, device)
+            elif stage.kind in ("ptq", "int2-blocks"):
+                cfg = stage.config
+                if cfg.init_from == PREVIOUS:
+                    if last_checkpoint is None:
+                        raise ValueError(f"stage {index} ({stage.kind}) starts from the previous stage but no earlier stage made a checkpoint")
+                    cfg = dataclasses.replace(cfg, init_from=str(last_checkpoint))
+                details = _run_ptq(cfg, float_model, stage_out, stage_dir, device)
             else:
                 cfg = dataclasses.replace(stage.config)
                 if cfg.student_init == "progressive":

@@ -11,7 +11,8 @@ from typing import Any
 from ..grids import GridSpec
 from .data import DataConfig
 from .losses import LOSSES
-from .student import DELTA_INITS, INITS
+from ..ptq.handoff import SCALE_INITS
+from .student import INITS, Calibration, check_trainable
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
@@ -29,6 +30,12 @@ class DistillConfig:
     checkpoint); set it when the student starts from modified float weights (BitDistiller's clipping).
     ``batch_size`` is per process and micro-step. ``mix_ratio`` (in ``data``) is the fraction of
     chat samples when ``data.kind == "mix"``.
+    ``delta_init`` is the INT2 start (:mod:`upq.ptq.handoff`); ``output`` measures layer inputs on
+    ``calib_samples`` x ``calib_seq_len`` tokens of the training split of ``data.text_source``.
+    ``first_loss`` replaces ``loss`` for the first ``first_loss_steps`` steps (e.g. forward KL while
+    gJSD is saturated near its ceiling). ``train`` picks what trains: latent ``weights``, quantizer
+    ``scales`` (Adam eps ``scale_eps``: their LSQ-scaled gradients are ~1e-8..1e-7, where Adam's
+    usual 1e-8 would shrink their steps) and RMSNorm ``norms`` (at ``lr_scale``).
     """
 
     student_init: str = "progressive"
@@ -39,10 +46,14 @@ class DistillConfig:
     bits: int = 2
     group_size: int | None = None
     delta_init: str = "max"
+    calib_samples: int = 16
+    calib_seq_len: int = 256
     include: list[str] | None = None
     exclude: list[str] | None = None
 
     loss: str = "gjsd"
+    first_loss: str | None = None
+    first_loss_steps: int = 0
     beta: float = 0.5
     gamma: float | None = None
     gamma_batches: int = 4
@@ -56,6 +67,8 @@ class DistillConfig:
     grad_accum: int = 1
     lr_weight: float = 5e-5
     lr_scale: float = 5e-4
+    scale_eps: float = 1e-12
+    train: tuple[str, ...] = ("weights", "scales")
     warmup_steps: int | None = None
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0
@@ -78,8 +91,15 @@ class DistillConfig:
             raise ValueError(f"student_init must be one of {INITS}, got {self.student_init!r}")
         if self.student_init == "progressive" and not self.int4_dir:
             raise ValueError("progressive initialisation needs the INT4 checkpoint (int4_dir / --from)")
-        if self.delta_init not in DELTA_INITS:
-            raise ValueError(f"delta_init must be one of {DELTA_INITS}, got {self.delta_init!r}")
+        if self.delta_init not in SCALE_INITS:
+            raise ValueError(f"delta_init must be one of {SCALE_INITS}, got {self.delta_init!r}")
+        self.train = check_trainable(self.train)
+        if self.first_loss is not None and self.first_loss not in LOSSES:
+            raise ValueError(f"unknown first_loss {self.first_loss!r}; choose one of {sorted(LOSSES)}")
+        if self.first_loss_steps < 0 or (self.first_loss is None) != (self.first_loss_steps == 0):
+            raise ValueError("first_loss and first_loss_steps > 0 go together (the loss of the first steps)")
+        if self.calib_samples < 1 or self.calib_seq_len < 2 or self.scale_eps <= 0:
+            raise ValueError("calib_samples >= 1, calib_seq_len >= 2 and scale_eps > 0 are required")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
         if not 0.0 <= self.beta <= 1.0:
@@ -116,11 +136,24 @@ class DistillConfig:
         per_step = self.batch_size * self.grad_accum * processes * self.data.seq_len
         return max(1, math.ceil(self.tokens / per_step))
 
-    def loss_kwargs(self, gamma: float | None = None) -> dict[str, Any]:
-        """Keyword arguments of the chosen loss."""
-        if self.loss == "gjsd":
+    @property
+    def calibration(self) -> Calibration:
+        """Calibration text of the output-aware hand-off."""
+        return Calibration(self.calib_samples, self.calib_seq_len, self.data.text_source)
+
+    def loss_at(self, step: int) -> str:
+        """The loss of optimizer step ``step`` (0-based): ``first_loss`` for the first steps, then ``loss``."""
+        return self.first_loss if self.first_loss is not None and step < self.first_loss_steps else self.loss
+
+    def losses_used(self) -> set[str]:
+        """Every loss the run uses."""
+        return {self.loss} | ({self.first_loss} if self.first_loss else set())
+
+    def loss_kwargs(self, loss: str, gamma: float | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``loss``."""
+        if loss == "gjsd":
             return {"beta": self.beta}
-        if self.loss == "cakld":
+        if loss == "cakld":
             value = self.gamma if self.gamma is not None else gamma
             if value is None:
                 raise ValueError("cakld needs gamma (estimated from the teacher before training)")

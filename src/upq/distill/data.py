@@ -9,7 +9,8 @@ positions (``loss_mask[t]`` is true when the model's output at ``t``, which pred
 * **chat** -- the teacher answers chat prompts (the bundled ``train`` prompts and/or a user file)
   with sampling, in batches, through the chat template; the answers are cached on disk (shared by
   runs) under a key hashing the teacher's weights, the rendered prompts and the generation settings. Response
-  positions count; prompt positions count too unless ``mask_prompt``.
+  positions count; prompt positions count too unless ``mask_prompt``. ``self_instruct`` adds that many
+  pairs whose instructions the teacher wrote itself (:mod:`upq.distill.self_instruct`).
 * **mix** -- a deterministic interleave with a given fraction of chat samples.
 
 :class:`SampleStream` gives a reproducible infinite order (a fresh seeded permutation of each
@@ -32,6 +33,7 @@ from ..atomic import write_json_atomic
 from ..data.prompts import load_prompts
 from ..data.text import load_texts, token_blocks
 from ..logs import get_logger, progress_enabled
+from .self_instruct import SelfInstructSettings, self_instruct_pairs
 
 log = get_logger("distill.data")
 KINDS = ("text", "chat", "mix")
@@ -291,7 +293,12 @@ class SampleStream:
 
 @dataclass
 class DataConfig:
-    """What to train on (``kind``: text, chat or mix) and how sequences are built."""
+    """What to train on (``kind``: text, chat or mix) and how sequences are built.
+
+    ``self_instruct``: number of self-generated instruction/answer pairs added to the chat pool
+    (0: none), made as set by ``self_instruct_settings``. With no bundled prompts and no prompts
+    file they are the whole chat pool.
+    """
 
     kind: str = "text"
     text_source: str = "wiki"
@@ -303,14 +310,22 @@ class DataConfig:
     chat: ChatSettings = field(default_factory=ChatSettings)
     heldout_samples: int = 8
     cache_dir: str | None = None
+    self_instruct: int = 0
+    self_instruct_settings: SelfInstructSettings = field(default_factory=SelfInstructSettings)
 
     def __post_init__(self) -> None:
         if isinstance(self.chat, dict):
             self.chat = ChatSettings(**self.chat)
+        if isinstance(self.self_instruct_settings, dict):
+            self.self_instruct_settings = SelfInstructSettings(**self.self_instruct_settings)
         if self.kind not in KINDS:
             raise ValueError(f"data kind must be one of {KINDS}, got {self.kind!r}")
         if not 0.0 <= self.mix_ratio <= 1.0:
             raise ValueError(f"mix ratio (fraction of chat samples) must be in [0, 1], got {self.mix_ratio}")
+        if self.self_instruct < 0:
+            raise ValueError(f"self_instruct (number of self-generated pairs) must be >= 0, got {self.self_instruct}")
+        if self.self_instruct and self.kind == "text":
+            raise ValueError("self_instruct adds chat samples: use data kind 'chat' or 'mix'")
 
     def response_cache(self) -> Path:
         """Where teacher responses are cached (default ``$UPQ_CACHE/distill-data``, shared by runs)."""
@@ -334,8 +349,13 @@ def build_stream(cfg: DataConfig, tokenizer: Any, teacher: torch.nn.Module | Non
     if cfg.chat_ratio > 0:
         if teacher is None:
             raise ValueError("chat data needs the teacher model to generate responses")
-        prompts = training_prompts(cfg.prompts_file, cfg.bundled_prompts)
-        responses = teacher_responses(teacher, tokenizer, prompts, cfg.chat, cache_dir)
+        responses: list[dict[str, Any]] = []
+        if cfg.bundled_prompts or cfg.prompts_file is not None or not cfg.self_instruct:
+            prompts = training_prompts(cfg.prompts_file, cfg.bundled_prompts)
+            responses += teacher_responses(teacher, tokenizer, prompts, cfg.chat, cache_dir)
+        if cfg.self_instruct:
+            responses += self_instruct_pairs(teacher, tokenizer, cfg.self_instruct, cfg.self_instruct_settings,
+                                             cfg.chat, cache_dir)
         chat = chat_samples(responses, cfg.seq_len, cfg.mask_prompt)
     log.info("training data: %d text sequences, %d chat samples, chat ratio %.2f", len(text), len(chat), cfg.chat_ratio)
     return SampleStream(text, chat, cfg.chat_ratio, seed)

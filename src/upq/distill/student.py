@@ -1,16 +1,13 @@
-"""The INT2 student of Distill-QAT: built progressively from an INT4 checkpoint or directly.
+"""The INT2 student of Distill-QAT: built progressively from a packed checkpoint or directly.
 
-* **progressive** (UPQ, DESIGN §2.3): load the stage-1 INT4 checkpoint, dequantize every packed
-  layer to a float latent weight (exactly the INT4 values), then wrap it in an INT2
-  ``QuantLinear``. Delta2 starts at max|W_int4| per row (the SEQ quantizer's own init,
-  ``delta_init="max"``) or at Delta4 (``delta_init="int4"``); both nest the 16 INT4 levels
-  into the 4 INT2 levels, four INT4 levels per INT2 level, with no rounding ties. Or
-  ``delta_init="mse"``: the per-row/group scale that minimises the INT2 weight error (searched over
-  fractions of max|W|); it gives up the clean nesting for a closer INT2 weight fit (which did not
-  give a lower starting KL on the bundled model: ``bench/results/compare_upq_variants.md``).
+* **progressive** (UPQ): load a upq checkpoint (the stage-1 INT4 output, or the INT2 block
+  stage's output), dequantize every packed layer to a float latent weight (exactly its grid
+  values), then wrap it in an INT2 ``QuantLinear`` whose scale starts as ``delta_init`` says
+  (:mod:`upq.ptq.handoff`: ``max``, ``int4`` = the checkpoint's own scale, ``mse``, ``output``).
 * **direct** (the ablation): the original model's float weights, quantized straight to INT2.
 
-Only the INT2 latent weights and their quantizer scales train; everything else is frozen.
+Which parameters train is :data:`TRAINABLE`-selected: the latent weights, the quantizer scales
+and optionally the RMSNorm gains; everything else is frozen.
 """
 
 from __future__ import annotations
@@ -25,13 +22,13 @@ from torch import nn
 from ..checkpoint import load as load_checkpoint
 from ..checkpoint import load_tokenizer
 from ..grids import GridSpec
-from ..grids.seq import SEQQuantizer
 from ..loading import is_upq_checkpoint, source_model_of
 from ..models import fix_special_tokens, load_model
 from ..modules import PackedLinear, QuantLinear, _set_submodule
+from ..ptq.handoff import check_scale_init, init_scale, input_grams
 
 INITS = ("progressive", "direct")
-DELTA_INITS = ("max", "int4", "mse")
+TRAINABLE = ("weights", "scales", "norms")
 
 
 @dataclass
@@ -44,32 +41,36 @@ class Student:
     info: dict[str, Any]
 
 
-def _int2_from_packed(layer: PackedLinear, spec: GridSpec, delta_init: str) -> QuantLinear:
-    """An INT2 ``QuantLinear`` whose latent weight is the dequantized INT4 weight of ``layer``."""
-    weight = layer.dequantize().float()
-    bias = None if layer.bias is None else layer.bias.float()
-    quant = QuantLinear(weight, bias, spec)
-    if delta_init == "int4":
-        if layer.spec.grid != "seq" or spec.grid != "seq":
-            raise ValueError("delta_init='int4' needs SEQ grids on both sides")
-        scale = layer.scale.float()
-        if tuple(scale.shape) != tuple(quant.quantizer.delta.shape):
-            raise ValueError(
-                f"delta_init='int4' needs the same groups for INT4 and INT2; INT4 scale has shape "
-                f"{tuple(scale.shape)}, INT2 delta {tuple(quant.quantizer.delta.shape)}"
-            )
+def calibration_grams(model: nn.Module, tokenizer: Any, names: list[str], calibration: "Calibration",
+                      batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Gram matrices of the inputs of the named layers on the calibration text's training split."""
+    from ..data.text import load_texts, token_blocks
+
+    ids = token_blocks(load_texts(calibration.source, "train"), tokenizer, calibration.seq_len, calibration.samples)
+
+    def run() -> None:
         with torch.no_grad():
-            quant.quantizer.delta.copy_(scale.abs().clamp_min(1e-8))
-    elif delta_init == "mse":
-        _init_mse(quant)
-    return quant
+            for start in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[start : start + batch_size], use_cache=False)
+
+    return input_grams(model, names, run)
 
 
-def _init_mse(layer: QuantLinear) -> None:
-    """Weight-MSE-optimal Delta for a SEQ ``QuantLinear`` (other grids have no such init)."""
-    if not isinstance(layer.quantizer, SEQQuantizer):
-        raise ValueError(f"delta_init='mse' needs the SEQ grid, not {layer.spec.grid!r}")
-    layer.quantizer.init_mse(layer.weight)
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text for the output-aware hand-off (``delta_init="output"``)."""
+
+    samples: int = 16
+    seq_len: int = 256
+    source: str = "wiki"
+
+
+def _grams_for(delta_init: str, model: nn.Module, tokenizer: Any, names: list[str],
+               calibration: Calibration) -> dict[str, torch.Tensor]:
+    """Input Gram matrices of ``names`` when the hand-off needs them (``output``), taken before the swap."""
+    if delta_init != "output":
+        return {}
+    return calibration_grams(model, tokenizer, names, calibration)
 
 
 def progressive_student(
@@ -77,21 +78,26 @@ def progressive_student(
     spec: GridSpec = GridSpec("seq", 2, None),
     delta_init: str = "max",
     device: str | torch.device = "cpu",
+    train: tuple[str, ...] = ("weights", "scales"),
+    calibration: Calibration = Calibration(),
 ) -> Student:
-    """INT2 student initialised from a upq INT4 checkpoint directory (stage-1 output)."""
-    if delta_init not in DELTA_INITS:
-        raise ValueError(f"delta_init must be one of {DELTA_INITS}, got {delta_init!r}")
+    """INT2 student initialised from a upq checkpoint directory (the INT4 stage-1 or INT2 block-stage output)."""
+    check_scale_init(delta_init)
     if not is_upq_checkpoint(int4_dir):
         raise ValueError(f"{int4_dir} is not a upq checkpoint directory (expected the INT4 stage-1 output)")
     model = load_checkpoint(int4_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(str(int4_dir))
     fix_special_tokens(model, tokenizer)
-    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
-    bits = sorted({m.spec.bits for _, m in packed})
-    for name, layer in packed:
-        _set_submodule(model, name, _int2_from_packed(layer, spec, delta_init))
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    bits = sorted({m.spec.bits for m in packed.values()})
+    grams = _grams_for(delta_init, model, tokenizer, list(packed), calibration)
+    for name, layer in packed.items():
+        bias = None if layer.bias is None else layer.bias.float()
+        quant = QuantLinear(layer.dequantize().float(), bias, spec)
+        init_scale(quant, delta_init, layer, grams.pop(name, None))
+        _set_submodule(model, name, quant)
     model.to(device)
-    freeze_except_quant(model)
+    freeze_except_quant(model, train)
     info = {"init": "progressive", "from": str(int4_dir), "from_bits": bits, "delta_init": delta_init,
             "layers": len(packed), "grid": spec.describe()}
     return Student(model, tokenizer, source_model_of(int4_dir), info)
@@ -104,23 +110,26 @@ def direct_student(
     exclude: Iterable[str] | None = None,
     device: str | torch.device = "cpu",
     delta_init: str = "max",
+    train: tuple[str, ...] = ("weights", "scales"),
+    calibration: Calibration = Calibration(),
 ) -> Student:
     """INT2 student initialised straight from the original model's float weights.
 
-    ``delta_init``: ``"max"`` (the grid's own init) or ``"mse"`` (SEQ only, see :func:`_init_mse`).
+    ``delta_init``: ``"max"`` (the grid's own init), ``"mse"`` or ``"output"`` (SEQ only).
     """
-    from ..modules import quantize_model
+    from ..modules import quantize_model, select_linears
 
-    if delta_init not in ("max", "mse"):
-        raise ValueError(f"a direct student's delta_init must be 'max' or 'mse', got {delta_init!r}")
+    check_scale_init(delta_init)
+    if delta_init == "int4":
+        raise ValueError("a direct student has no INT4 scale to start from; delta_init must be max, mse or output")
     model, tokenizer = load_model(model_name, dtype=torch.float32, device="cpu")
+    grams = _grams_for(delta_init, model, tokenizer, [n for n, _ in select_linears(model, include, exclude)],
+                       calibration)
     names = quantize_model(model, spec, include, exclude)
-    if delta_init == "mse":
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                _init_mse(module)
+    for name in names:
+        init_scale(model.get_submodule(name), delta_init, None, grams.pop(name, None))
     model.to(device)
-    freeze_except_quant(model)
+    freeze_except_quant(model, train)
     info = {"init": "direct", "from": model_name, "layers": len(names), "grid": spec.describe(),
             "delta_init": delta_init}
     return Student(model, tokenizer, model_name, info)
@@ -136,36 +145,59 @@ def build_student(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     device: str | torch.device = "cpu",
+    train: tuple[str, ...] = ("weights", "scales"),
+    calibration: Calibration = Calibration(),
 ) -> Student:
     """Dispatch on ``init`` (``"progressive"`` needs ``int4_dir``; ``"direct"`` uses ``model_name``)."""
     if init == "progressive":
         if int4_dir is None:
             raise ValueError("progressive initialisation needs the INT4 checkpoint directory (--from)")
-        return progressive_student(int4_dir, spec, delta_init, device)
+        return progressive_student(int4_dir, spec, delta_init, device, train, calibration)
     if init == "direct":
-        return direct_student(model_name, spec, include, exclude, device, delta_init)
+        return direct_student(model_name, spec, include, exclude, device, delta_init, train, calibration)
     raise ValueError(f"student init must be one of {INITS}, got {init!r}")
 
 
-def freeze_except_quant(model: nn.Module) -> None:
-    """Freeze every parameter except ``QuantLinear`` latent weights and quantizer scales."""
+def check_trainable(train: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate a choice of trainable parameter kinds (a non-empty subset of :data:`TRAINABLE`)."""
+    train = tuple(train)
+    bad = [t for t in train if t not in TRAINABLE]
+    if bad or not train:
+        raise ValueError(f"train must be a non-empty subset of {TRAINABLE}, got {list(train)}")
+    return train
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.lower().endswith(("rmsnorm", "layernorm"))
+
+
+def freeze_except_quant(model: nn.Module, train: tuple[str, ...] = ("weights", "scales")) -> None:
+    """Freeze every parameter except the chosen kinds: ``QuantLinear`` latent weights, quantizer
+    scales and/or norm gains (``train``, a subset of :data:`TRAINABLE`)."""
+    check_trainable(train)
     model.requires_grad_(False)
-    weights, scales = trainable_groups(model)
-    if not weights:
+    groups = trainable_groups(model, train)
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("the student has no QuantLinear layers to train")
-    for p in weights + scales:
-        p.requires_grad_(True)
+    if not any(groups.values()):
+        raise ValueError(f"nothing to train: the student has no parameters of kinds {list(train)}")
+    for params in groups.values():
+        for p in params:
+            p.requires_grad_(True)
 
 
-def trainable_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(latent weights, quantizer scales) of every ``QuantLinear`` in ``model``, in module order."""
-    weights: list[nn.Parameter] = []
-    scales: list[nn.Parameter] = []
+def trainable_groups(model: nn.Module, train: tuple[str, ...] = ("weights", "scales")) -> dict[str, list[nn.Parameter]]:
+    """Kind -> parameters of each chosen kind (``weights``, ``scales``, ``norms``), in module order."""
+    groups: dict[str, list[nn.Parameter]] = {kind: [] for kind in train}
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            weights.append(module.weight)
-            scales.extend(module.quantizer.parameters())
-    return weights, scales
+            if "weights" in groups:
+                groups["weights"].append(module.weight)
+            if "scales" in groups:
+                groups["scales"].extend(module.quantizer.parameters())
+        elif "norms" in groups and _is_norm(module):
+            groups["norms"].extend(p for p in module.parameters(recurse=False))
+    return groups
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

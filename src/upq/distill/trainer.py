@@ -130,7 +130,8 @@ class _Run:
     def build(self) -> None:
         cfg = self.cfg
         student = build_student(cfg.student_init, int4_dir=cfg.int4_dir, model_name=cfg.model, spec=cfg.spec,
-                                delta_init=cfg.delta_init, include=cfg.include, exclude=cfg.exclude)
+                                delta_init=cfg.delta_init, include=cfg.include, exclude=cfg.exclude,
+                                train=cfg.train, calibration=cfg.calibration)
         self.student_info: Student = student
         self.teacher_name = cfg.teacher or cfg.model or student.source_model
         teacher, _ = load_model(self.teacher_name, dtype=_teacher_dtype(cfg, self.device), device=self.device)
@@ -149,16 +150,26 @@ class _Run:
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.train()
-        weights, scales = trainable_groups(lm)
-        groups = [{"params": weights, "lr": cfg.lr_weight, "name": "weights"}]
-        if scales:
-            groups.append({"params": scales, "lr": cfg.lr_scale, "name": "scales"})
+        kinds = trainable_groups(lm, cfg.train)
+        self.initial_scales = [p.detach().clone() for p in trainable_groups(lm, ("scales",))["scales"]]
+        settings = {"weights": {"lr": cfg.lr_weight}, "scales": {"lr": cfg.lr_scale, "eps": cfg.scale_eps},
+                    "norms": {"lr": cfg.lr_scale}}
+        groups = [{"params": params, "name": kind, **settings[kind]} for kind, params in kinds.items() if params]
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.min_lr_ratio))
         self.backbone, self.optimizer = self.acc.prepare(Backbone(lm), optimizer)
-        self.params = weights + scales
+        self.params = [p for g in groups for p in g["params"]]
+
+    @torch.no_grad()
+    def scale_movement(self) -> dict[str, float]:
+        """How far the quantizer scales moved from their start: median and max of |Delta/Delta0 - 1|."""
+        now = trainable_groups(self.student.lm, ("scales",))["scales"]
+        if not now:
+            return {}
+        rel = torch.cat([(p.float() / p0.float() - 1).abs().flatten() for p, p0 in zip(now, self.initial_scales)])
+        return {"scale_rel_change_median": float(rel.median()), "scale_rel_change_max": float(rel.max())}
 
     @property
     def student(self) -> Backbone:
@@ -186,12 +197,12 @@ class _Run:
         with torch.no_grad(), self.autocast():
             return self.teacher(batch.input_ids, batch.attention_mask)
 
-    def _loss_sum(self, hidden: torch.Tensor, batch: Batch, teacher_hidden: torch.Tensor | None,
+    def _loss_sum(self, loss: str, hidden: torch.Tensor, batch: Batch, teacher_hidden: torch.Tensor | None,
                   kwargs: dict[str, Any]) -> torch.Tensor:
-        needs_teacher = self.cfg.loss != "ntp"
+        needs_teacher = loss != "ntp"
         return chunked_loss(
-            self.cfg.loss, hidden, teacher_hidden, self.student.head, self.teacher.head if needs_teacher else None,
-            batch.loss_mask, labels=batch.labels() if self.cfg.loss == "ntp" else None,
+            loss, hidden, teacher_hidden, self.student.head, self.teacher.head if needs_teacher else None,
+            batch.loss_mask, labels=batch.labels() if loss == "ntp" else None,
             chunk_tokens=self.cfg.chunk_tokens, reduction="sum", **kwargs,
         )
 
@@ -231,8 +242,10 @@ class _Run:
         return total / max(count, 1)
 
     # ----------------------------------------------------------------------------- one step
-    def train_step(self, step: int, kwargs: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, step: int, gamma: float | None) -> dict[str, Any]:
         """Forward/backward over the step's micro-batches, clip, check, update. Returns metrics."""
+        loss_name = self.cfg.loss_at(step)
+        kwargs = self.cfg.loss_kwargs(loss_name, gamma)
         batches = self.micro_batches(step)
         n_loss, n_input = self._global_sum([sum(b.tokens for b in batches),
                                             sum(int(b.attention_mask.sum()) for b in batches)])
@@ -240,12 +253,12 @@ class _Run:
             raise ValueError(f"step {step + 1}: the global batch has no loss tokens (check the data / masks)")
         loss_sum = 0.0
         for m, batch in enumerate(batches):
-            teacher_hidden = self._teacher_hidden(batch) if self.cfg.loss != "ntp" else None
+            teacher_hidden = self._teacher_hidden(batch) if loss_name != "ntp" else None
             sync = m == len(batches) - 1
             with self.acc.no_sync(self.backbone) if not sync else nullcontext():
                 with self.autocast():
                     hidden = self.backbone(batch.input_ids, batch.attention_mask)
-                    part = self._loss_sum(hidden, batch, teacher_hidden, kwargs)
+                    part = self._loss_sum(loss_name, hidden, batch, teacher_hidden, kwargs)
                 self.acc.backward(part * (self.world / n_loss))
             loss_sum += float(part.detach())
         (loss_total,) = self._global_sum([loss_sum])
@@ -262,8 +275,8 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm, "loss_tokens": n_loss, "input_tokens": n_input,
-                "lr_weight": lrs.get("weights"), "lr_scale": lrs.get("scales")}
+        return {"loss": loss, "loss_name": loss_name, "grad_norm": grad_norm, "loss_tokens": n_loss, "input_tokens": n_input,
+                "lr": next(iter(lrs.values())), "lr_weight": lrs.get("weights"), "lr_scale": lrs.get("scales")}
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self, state: TrainState) -> None:
@@ -338,10 +351,9 @@ def distill(
     metrics_file = work_dir / "metrics.jsonl"
     if acc.is_main_process:
         _truncate_metrics(metrics_file, state.step)
-    if cfg.loss == "cakld" and state.gamma is None:
+    if "cakld" in cfg.losses_used() and state.gamma is None:
         state.gamma = cfg.gamma if cfg.gamma is not None else run.estimate_gamma()
         log.info("CAKLD gamma = %.4f (teacher mean top-1 probability)", state.gamma)
-    kwargs = cfg.loss_kwargs(state.gamma)
     if state.step == 0:
         kl0 = run.heldout_kl() if cfg.eval_every else None  # collective: every process takes part
         if acc.is_main_process:
@@ -353,7 +365,7 @@ def distill(
     started = time.perf_counter()
     base_elapsed = state.elapsed_s
     for step in range(state.step, run.total_steps):
-        metrics = run.train_step(step, kwargs)
+        metrics = run.train_step(step, state.gamma)
         state.step = step + 1
         state.consumed = state.step * cfg.grad_accum * cfg.batch_size * run.world
         state.tokens += int(metrics["input_tokens"])
@@ -374,17 +386,17 @@ def distill(
             _append_jsonl(metrics_file, record)
             if "tokens_per_s" in record:
                 log.info("step %d/%d loss %.4f lr %.2e tok/s %.0f mem %.0f MiB%s", state.step, run.total_steps,
-                         record["loss"], record["lr_weight"], record["tokens_per_s"], record["memory_mib"],
+                         record["loss"], record["lr"], record["tokens_per_s"], record["memory_mib"],
                          f" heldout KL {record['heldout_kl']:.4f}" if record.get("heldout_kl") is not None else "")
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr_weight']:.1e}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.1e}")
         if on_step is not None:
             on_step(record)
     bar.close()
     summary = {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed_s, 1),
                "final_loss": losses[-1] if losses else None, "gamma": state.gamma, "processes": run.world,
                "resumed_from": resumed_from, "teacher": run.teacher_name or BUNDLED_MODEL,
-               "student_init": run.student_info.info}
+               "student_init": run.student_info.info, **run.scale_movement()}
     records = read_metrics(work_dir) if acc.is_main_process else []
     kls = [r["heldout_kl"] for r in records if r.get("heldout_kl") is not None]
     if kls:

@@ -69,27 +69,60 @@ def seq_fake_quant(w: torch.Tensor, delta: torch.Tensor, bits: int, grad_scale: 
     return _SEQFakeQuant.apply(w, delta, bits, grad_scale)
 
 
+def _scale_candidates(bits: int, steps: int, lowest: float) -> list[float]:
+    """Fractions of max|w| tried by the scale searches: 1 (the max init) first, then a sweep."""
+    n = _half_levels(bits)
+    return [1.0, n / (n - 0.5), *torch.linspace(lowest, n / (n - 0.5), steps).tolist()]
+
+
 @torch.no_grad()
+def _search_scale(groups: torch.Tensor, bits: int, error, steps: int, lowest: float) -> torch.Tensor:
+    """Per-group ``Delta = a * max|w|`` minimising ``error(Q(w) - w)`` (a (..., g) -> (...) map).
+
+    The max init (a = 1) is tried first and kept on ties, so the result is never worse than it.
+    """
+    w = groups.float()
+    peak = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)
+    best_err = torch.full(peak.shape[:-1], float("inf"), device=w.device)
+    best = peak.squeeze(-1).clone()
+    for a in _scale_candidates(bits, steps, lowest):
+        delta = peak * a
+        err = error(seq_levels(seq_codes(w, delta, bits), delta, bits) - w)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, delta.squeeze(-1), best)
+    return best
+
+
 def seq_mse_scale(groups: torch.Tensor, bits: int, steps: int = 41, lowest: float = 0.2) -> torch.Tensor:
-    """Per-group Delta minimising ``||Q(w) - w||^2`` over ``Delta = a * max|w|``.
+    """Per-group Delta minimising the weight error ``||Q(w) - w||^2`` over ``Delta = a * max|w|``.
 
     ``a`` runs over ``steps`` values from ``lowest`` to ``n / (n - 0.5)`` (where the top level
     lands on max|w|) plus 1 (the plain max init, so the result is never worse than it).
     ``groups`` is (..., g); returns (...). At 2 bits the max init leaves most weights on the
     inner levels, which a smaller scale fixes at the cost of clipping the largest ones.
     """
-    w = groups.float()
-    peak = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)
-    best_err = torch.full(peak.shape[:-1], float("inf"), device=w.device)
-    best = peak.squeeze(-1).clone()
-    n = _half_levels(bits)
-    for a in [1.0, n / (n - 0.5), *torch.linspace(lowest, n / (n - 0.5), steps).tolist()]:
-        delta = peak * a
-        err = (seq_levels(seq_codes(w, delta, bits), delta, bits) - w).pow(2).sum(dim=-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, delta.squeeze(-1), best)
-    return best
+    return _search_scale(groups, bits, lambda e: e.pow(2).sum(dim=-1), steps, lowest)
+
+
+def seq_output_error(err: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Output error ``e_g H_gg e_g^T`` of grouped weight errors ``err`` (out, G, g) on inputs with
+    Gram matrix ``gram = X^T X`` (in, in), one value per (row, group): each group's own
+    contribution to the layer output, cross-group terms ignored (exact for per-channel groups)."""
+    out, n_groups, g = err.shape
+    blocks = gram.float().reshape(n_groups, g, n_groups, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, g, g)
+    return torch.einsum("ogi,gij,ogj->og", err, blocks, err)
+
+
+def seq_output_scale(groups: torch.Tensor, gram: torch.Tensor, bits: int, steps: int = 41,
+                     lowest: float = 0.2) -> torch.Tensor:
+    """Per-group Delta minimising the layer-output error on calibration inputs (output-aware search).
+
+    ``groups`` (out, G, g) are the weights, ``gram`` (in, in) is ``X^T X`` of the layer's inputs;
+    the objective per (row, group) is :func:`seq_output_error`, searched over the same scale
+    candidates as :func:`seq_mse_scale` (max init included, so never worse than it). Returns (out, G).
+    """
+    return _search_scale(groups, bits, lambda e: seq_output_error(e, gram), steps, lowest)
 
 
 class SEQQuantizer(nn.Module):
@@ -108,6 +141,12 @@ class SEQQuantizer(nn.Module):
         """Reset Delta to the weight-MSE-optimal scale of ``weight`` (see :func:`seq_mse_scale`)."""
         groups = to_groups(weight.detach().float(), self.group_len)
         self.delta.copy_(seq_mse_scale(groups, self.spec.bits).to(self.delta.dtype))
+
+    @torch.no_grad()
+    def init_output(self, weight: torch.Tensor, gram: torch.Tensor) -> None:
+        """Reset Delta to the output-aware scale of ``weight`` on inputs with Gram matrix ``gram``."""
+        groups = to_groups(weight.detach().float(), self.group_len)
+        self.delta.copy_(seq_output_scale(groups, gram.to(groups.device), self.spec.bits).to(self.delta.dtype))
 
     def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize ``weight`` (out, in) with STE/LSQ gradients."""

@@ -1,8 +1,13 @@
-"""UPQ stage 1: block-wise post-training quantization (FP -> INT4 by default).
+"""Block-wise reconstruction: UPQ stage 1 (FP -> INT4) and the optional INT2 block stage.
 
 For each decoder block in order, the targets are the original block's outputs on the original
 inputs, the inputs come from the already-quantized previous blocks, and the block's latent
 weights and quantizer scales are trained to minimise the output MSE (Block-AP / OmniQuant style).
+The latent weights start from the original block, or (``init_from``: a upq checkpoint, e.g. the
+INT4 stage-1 output) from that checkpoint's dequantized block: INT4 -> INT2 block reconstruction
+before distillation (EfficientQAT's Block-AP at 2 bits). The quantizer scales then start as
+``delta_init`` says (:mod:`upq.ptq.handoff`; ``output`` measures each layer's inputs on the
+block's quantized-path calibration inputs).
 Only one block is materialised at a time: the model is a meta-device skeleton, each block is
 read from the source safetensors when its turn comes, packed, written to the work directory
 and dropped again, so memory does not grow with depth. Activations live in RAM or on disk.
@@ -21,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
@@ -33,18 +37,25 @@ from ..data.text import load_texts, token_blocks
 from ..grids import GridSpec
 from ..logs import get_logger, progress_enabled
 from ..models import fix_special_tokens, local_model_dir
-from ..modules import PackedLinear, QuantLinear, pack_model, quantize_model
+from ..modules import PackedLinear, QuantLinear, pack_model, quantize_model, select_linears
 from ..weights import WeightSource
 from .activations import ActivationStore
+from .handoff import check_scale_init, init_scale, input_grams
 from .layers import block_output, capture_first_block_inputs, decoder_layers
 
 log = get_logger("ptq")
 TRAINABLE = ("weights", "scales")
+OBJECTIVES = ("mse", "relative")
 
 
 @dataclass
 class BlockwiseConfig:
-    """Settings of block-wise PTQ; every field is recorded in the output checkpoint."""
+    """Settings of block-wise PTQ; every field is recorded in the output checkpoint.
+
+    ``init_from``: a upq checkpoint whose dequantized blocks are the start (else the original
+    weights); ``delta_init``: where the scales start (:mod:`upq.ptq.handoff`); ``objective``:
+    what each block minimises (:func:`block_error`).
+    """
 
     grid: str = "seq"
     bits: int = 4
@@ -61,6 +72,9 @@ class BlockwiseConfig:
     include: list[str] | None = None
     exclude: list[str] | None = None
     activations: str = "memory"
+    init_from: str | None = None
+    delta_init: str = "max"
+    objective: str = "mse"
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,6 +87,11 @@ class BlockwiseConfig:
             raise ValueError(f"activations must be 'memory' or 'disk', got {self.activations!r}")
         if not 0.0 <= self.chat_fraction <= 1.0:
             raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
+        check_scale_init(self.delta_init)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.delta_init == "int4" and self.init_from is None:
+            raise ValueError("delta_init='int4' takes the scale of the checkpoint the block starts from; set init_from")
         if self.samples < 1 or self.batch_size < 1 or self.epochs < 0 or self.seq_len < 2:
             raise ValueError("samples, batch_size and seq_len must be positive and epochs >= 0")
 
@@ -83,8 +102,17 @@ class BlockwiseConfig:
 
 
 @dataclass
+class Int2BlocksConfig(BlockwiseConfig):
+    """The INT2 block stage: block reconstruction at 2 bits, starting from the previous stage's
+    checkpoint (``init_from``; in a recipe ``@previous``) with its scale nested (``int4``)."""
+
+    bits: int = 2
+    delta_init: str = "int4"
+
+
+@dataclass
 class BlockResult:
-    """What happened to one block."""
+    """What happened to one block (``mse_*``: its error under the config's ``objective`` before and after training)."""
 
     index: int
     mse_before: float
@@ -172,6 +200,65 @@ def _materialize_block(layers: torch.nn.ModuleList, index: int, source: WeightSo
     return block.float().to(device)
 
 
+class _PackedStart:
+    """The packed layers of a upq checkpoint, read one block at a time (the start of a lower-bit stage)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from ..checkpoint import read_quantization_config
+
+        config = read_quantization_config(path)
+        if config is None:
+            raise ValueError(f"init_from: {path} is not a upq checkpoint directory")
+        self.modules: dict[str, dict[str, Any]] = config["modules"]
+        self.source = WeightSource(path)
+
+    def block_layers(self, block: torch.nn.Module, prefix: str) -> dict[str, PackedLinear]:
+        """Relative name -> packed layer of the checkpoint for every linear of ``block`` it quantized."""
+        layers = {}
+        for full, spec in self.modules.items():
+            if not full.startswith(prefix):
+                continue
+            name = full[len(prefix):]
+            linear = block.get_submodule(name)
+            packed = PackedLinear(linear.in_features, linear.out_features,
+                                  GridSpec(spec["grid"], spec["bits"], spec["group_size"]), linear.bias is not None)
+            tensors = self.source.with_prefix(f"{full}.")
+            packed.load_state_dict({k: v.to(packed.state_dict()[k].dtype) for k, v in tensors.items()})
+            layers[name] = packed
+        return layers
+
+
+def _start_block(block: torch.nn.Module, start: _PackedStart | None, prefix: str) -> dict[str, PackedLinear]:
+    """Overwrite ``block``'s linear weights with the start checkpoint's dequantized ones; return its layers."""
+    if start is None:
+        return {}
+    layers = start.block_layers(block, prefix)
+    if not layers:
+        raise ValueError(f"init_from checkpoint has no quantized layer in block {prefix!r}")
+    with torch.no_grad():
+        for name, packed in layers.items():
+            block.get_submodule(name).weight.copy_(packed.dequantize().float())
+    return layers
+
+
+def _quantize_block(block: torch.nn.Module, cfg: "BlockwiseConfig", prefix: str, starts: dict[str, PackedLinear],
+                    inputs: ActivationStore, kwargs: dict[str, Any], device: torch.device, autocast: bool) -> list[str]:
+    """Swap the selected linears of ``block`` for ``QuantLinear`` with their scales at ``cfg.delta_init``.
+
+    For ``output``, each layer's input Gram matrix is measured first on ``inputs`` (the quantized
+    path), with the block still holding its float (start) weights. Returns the quantized names.
+    """
+    grams: dict[str, torch.Tensor] = {}
+    if cfg.delta_init == "output":
+        chosen = [name for name, _ in select_linears(block, cfg.include, cfg.exclude, prefix)]
+        grams = input_grams(block, chosen, lambda: _run_block(block, inputs, None, kwargs, cfg.batch_size, device,
+                                                              autocast))
+    names = quantize_model(block, cfg.spec, cfg.include, cfg.exclude, prefix=prefix)
+    for name in names:
+        init_scale(block.get_submodule(name), cfg.delta_init, starts.get(name), grams.pop(name, None))
+    return names
+
+
 def _kwargs_to(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     def move(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -183,23 +270,41 @@ def _kwargs_to(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: move(v) for k, v in kwargs.items()}
 
 
-def _run_block(block: torch.nn.Module, store: ActivationStore, out: ActivationStore, kwargs: dict[str, Any],
+def _run_block(block: torch.nn.Module, store: ActivationStore, out: ActivationStore | None, kwargs: dict[str, Any],
                batch_size: int, device: torch.device, autocast: bool) -> None:
+    """Run ``block`` over every row of ``store``, writing the outputs to ``out`` (None: discard)."""
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for start in range(0, len(store), batch_size):
             x = store.batch(slice(start, start + batch_size), device, torch.float32)
-            out.write(start, block_output(block(x, **kwargs)))
+            y = block_output(block(x, **kwargs))
+            if out is not None:
+                out.write(start, y)
 
 
-def _mse(block: torch.nn.Module, inputs: ActivationStore, targets: ActivationStore, kwargs: dict[str, Any],
-         batch_size: int, device: torch.device, autocast: bool) -> float:
+def block_error(output: torch.Tensor, target: torch.Tensor, objective: str) -> torch.Tensor:
+    """Per-token reconstruction error (batch, seq) of a block's ``output`` against ``target``.
+
+    ``mse``: the mean squared error over the hidden size. ``relative``: the squared error divided
+    by the target's squared norm, so that the few massive-activation tokens (attention sinks,
+    residual norms hundreds of times the rest) do not dominate the objective.
+    """
+    sq = (output.float() - target).pow(2).sum(dim=-1)
+    if objective == "relative":
+        return sq / target.pow(2).sum(dim=-1).clamp_min(1e-6)
+    return sq / target.shape[-1]
+
+
+def _error(block: torch.nn.Module, inputs: ActivationStore, targets: ActivationStore, kwargs: dict[str, Any],
+           cfg: BlockwiseConfig, device: torch.device, autocast: bool) -> float:
+    """The block's mean per-token error (``cfg.objective``) over the calibration rows."""
     total, count = 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        for start in range(0, len(inputs), batch_size):
-            x = inputs.batch(slice(start, start + batch_size), device, torch.float32)
-            y = targets.batch(slice(start, start + batch_size), device, torch.float32)
-            total += F.mse_loss(block_output(block(x, **kwargs)).float(), y, reduction="sum").item()
-            count += y.numel()
+        for start in range(0, len(inputs), cfg.batch_size):
+            x = inputs.batch(slice(start, start + cfg.batch_size), device, torch.float32)
+            y = targets.batch(slice(start, start + cfg.batch_size), device, torch.float32)
+            err = block_error(block_output(block(x, **kwargs)), y, cfg.objective)
+            total += float(err.double().sum())
+            count += err.numel()
     return total / count
 
 
@@ -234,7 +339,7 @@ def _train_block(block: torch.nn.Module, inputs: ActivationStore, targets: Activ
             x = inputs.batch(rows, device, torch.float32)
             y = targets.batch(rows, device, torch.float32)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = F.mse_loss(block_output(block(x, **kwargs)).float(), y)
+                loss = block_error(block_output(block(x, **kwargs)), y, cfg.objective).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"block {index}: loss became {loss.item()}; lower lr_weight/lr_scale. "
@@ -278,6 +383,7 @@ def blockwise_ptq(
         model.tie_weights()
     materialize_meta_buffers(model)
     work = _WorkDir(Path(work_dir), _fingerprint(str(model_name), cfg))
+    start_checkpoint = _PackedStart(cfg.init_from) if cfg.init_from is not None else None
     state = work.load_state()
     n_blocks = len(layers)
     ids = calibration_ids(tokenizer, cfg)
@@ -309,11 +415,12 @@ def blockwise_ptq(
         block = _materialize_block(layers, index, source, prefix, device)
         targets = ActivationStore(shape, work.path / f"cur-fp-{index + 1:04d}.npy" if on_disk else None)
         _run_block(block, x_fp, targets, kwargs, cfg.batch_size, device, autocast)
-        names = quantize_model(block, spec, cfg.include, cfg.exclude, prefix=f"{prefix}{index}.")
-        mse_before = _mse(block, x_q, targets, kwargs, cfg.batch_size, device, autocast)
+        starts = _start_block(block, start_checkpoint, f"{prefix}{index}.")
+        names = _quantize_block(block, cfg, f"{prefix}{index}.", starts, x_q, kwargs, device, autocast)
+        mse_before = _error(block, x_q, targets, kwargs, cfg, device, autocast)
         initial = {k: v.detach().clone() for k, v in block.state_dict().items()}
         _train_block(block, x_q, targets, kwargs, cfg, index, device, autocast)
-        mse_after = _mse(block, x_q, targets, kwargs, cfg.batch_size, device, autocast)
+        mse_after = _error(block, x_q, targets, kwargs, cfg, device, autocast)
         if mse_after > mse_before:
             log.warning("block %d: training raised the MSE (%.3e -> %.3e); keeping the round-to-nearest start "
                         "(consider lower learning rates)", index, mse_before, mse_after)

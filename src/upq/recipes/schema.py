@@ -1,8 +1,8 @@
 """Recipe schema: YAML -> validated stage configs, with budgets and command-line overrides.
 
 A recipe has ``name``, ``description``, ``stages`` (a list; each item names its ``stage`` kind and
-sets fields of that kind's config dataclass) and ``budgets`` (``cpu`` / ``gpu``: per stage kind,
-fields that override the stage). Unknown keys and wrong types are errors that name the key.
+sets fields of that kind's config dataclass) and ``budgets`` (``cpu`` / ``cpu-long`` / ``gpu``: per
+stage kind, fields that override the stage; ``cpu-long`` starts from ``cpu``'s settings). Unknown keys and wrong types are errors that name the key.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import yaml
 from ..grids import parse_group_size
 
 RECIPE_DIR = Path(__file__).parent
-PREVIOUS = "@previous"  # distill.int4_dir placeholder: the previous stage's checkpoint
+PREVIOUS = "@previous"  # distill.int4_dir / int2-blocks.init_from placeholder: the previous stage's checkpoint
 TOP_LEVEL = {"name", "description", "stages", "budgets"}
-BUDGETS = ("cpu", "gpu")
+BUDGETS = ("cpu", "cpu-long", "gpu")
+BUDGET_BASE = {"cpu-long": "cpu"}  # a budget starts from this one's settings, then applies its own
 
 
 class RecipeError(ValueError):
@@ -59,9 +60,10 @@ class ClipStage:
 def stage_classes() -> dict[str, type]:
     """Stage kind -> config dataclass (imported lazily to keep this module light)."""
     from ..distill.config import DistillConfig
-    from ..ptq.blockwise import BlockwiseConfig
+    from ..ptq.blockwise import BlockwiseConfig, Int2BlocksConfig
 
-    return {"rtn": RTNStage, "clip": ClipStage, "ptq": BlockwiseConfig, "distill": DistillConfig}
+    return {"rtn": RTNStage, "clip": ClipStage, "ptq": BlockwiseConfig, "int2-blocks": Int2BlocksConfig,
+            "distill": DistillConfig}
 
 
 def _type_name(tp: Any) -> str:
@@ -111,6 +113,11 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -212,7 +219,8 @@ def load_recipe(name_or_path: str, budget: str = "cpu", overrides: list[str] | N
     budgets = raw.get("budgets") or {}
     if not isinstance(budgets, dict) or set(budgets) - set(BUDGETS):
         raise RecipeError(f"budgets: only {BUDGETS} are allowed, got {sorted(budgets) if isinstance(budgets, dict) else budgets}")
-    patches: dict[str, dict[str, Any]] = copy.deepcopy(budgets.get(budget) or {})
+    base = BUDGET_BASE.get(budget)
+    patches: dict[str, dict[str, Any]] = _merge(budgets.get(base) or {} if base else {}, budgets.get(budget) or {})
     for text in overrides or []:
         parts, value = parse_override(text)
         node = patches.setdefault(parts[0], {})
@@ -235,6 +243,8 @@ def load_recipe(name_or_path: str, budget: str = "cpu", overrides: list[str] | N
         values = validate_fields(cls, body, f"{where}({kind})")
         if kind == "distill" and values.get("student_init", "progressive") == "progressive":
             values.setdefault("int4_dir", PREVIOUS)
+        if kind == "int2-blocks":
+            values.setdefault("init_from", PREVIOUS)
         try:
             stages.append(Stage(kind, cls(**values)))
         except (ValueError, TypeError) as exc:

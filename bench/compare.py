@@ -22,7 +22,7 @@ import json
 import shlex
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,19 +186,25 @@ def markdown(report: dict[str, Any]) -> str:
              f"to {s['kl_prompts']} eval chat prompts ({s['kl_max_new_tokens']} tokens), IFEval on the first "
              f"{s['limit']} prompts (greedy, {s['ifeval_max_new_tokens']} new tokens; prompt-level strict / loose).",
              f"Command: `{report['command']}`", "",
-             "| row | ppl | KL | top-1 | IFEval strict | IFEval loose | train tokens | quantize s | checkpoint MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Uniform-guess line: KL {report['uniform_kl']:.2f} nats/token (log V minus the original's mean entropy "
+             "on these tokens); a row above it is confidently wrong. KL alone ranks over-confidence in that regime, "
+             "so read top-1 agreement beside it.", "",
+             "| row | ppl | KL | KL / uniform | top-1 | IFEval strict | IFEval loose | train tokens | quantize s | checkpoint MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         ife = (f"{r['ifeval_prompt_strict']:.3f} | {r['ifeval_prompt_loose']:.3f}" if "ifeval_prompt_strict" in r
                else "- | -")
-        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {ife} | "
+        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['kl'] / report['uniform_kl']:.2f} | "
+                     f"{r['top1']:.3f} | {ife} | "
                      f"{r.get('train_tokens', '-')} | {r.get('quantize_seconds', '-')} | {r.get('checkpoint_mib', '-')} |")
     lines += ["", report["verdict"]]
     return "\n".join(lines) + "\n"
 
 
-def verdict(rows: dict[str, dict[str, Any]], variants: dict[str, dict[str, Any]] | None = None) -> str:
-    """Does UPQ beat every other INT2 row on KL and on IFEval (prompt-level strict)?
+def verdict(rows: dict[str, dict[str, Any]], variants: dict[str, dict[str, Any]] | None = None,
+            original: dict[str, Any] | None = None) -> str:
+    """Does UPQ beat every other INT2 row on KL and on IFEval (prompt-level strict), and does it
+    reach the targets (KL <= 2.0, top-1 >= 0.5, perplexity <= 5x the original's)?
 
     ``variants`` (UPQ with overrides) are reported beside the shipped rows, not counted as them.
     """
@@ -215,6 +221,10 @@ def verdict(rows: dict[str, dict[str, Any]], variants: dict[str, dict[str, Any]]
         wins = all((upq[key] < r[key]) if better is min else (upq[key] > r[key]) for r in others)
         parts.append(f"{label}: UPQ {upq[key]:.4g} vs best other INT2 row {best_other['row']} {best_other[key]:.4g} -> "
                      f"UPQ {'beats every other INT2 row' if wins else 'does NOT beat every other INT2 row'}.")
+    if original is not None:
+        checks = [("KL <= 2.0", upq["kl"] <= 2.0), ("top-1 >= 0.5", upq["top1"] >= 0.5),
+                  ("perplexity <= 5x the original", upq["ppl"] <= 5 * original["ppl"])]
+        parts.append("Targets: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in checks) + ".")
     if not parts:
         return ("No other shipped INT2 recipe in this run: no verdict." + tail).strip()
     return "Verdict at this budget: " + " ".join(parts) + tail
@@ -290,12 +300,15 @@ def main() -> None:
         variants[name] = row
         start_row(name, load_recipe(recipe_name, args.budget, recipe_overrides(recipe_name, args) + list(extra)))
 
+    uniform = cached(work / "evals" / "uniform.json",
+                     lambda: evaluate(None, None, replace(settings, tasks=("kl",))))["metrics"]["kl"]["uniform_kl"]
     tokens = sorted({r["train_tokens"] for r in by_name.values() if r.get("train_tokens")})
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "budget": args.budget, "tokens_override": args.tokens,
               "tokens_label": "/".join(str(t) for t in tokens) or "0",
               "command": " ".join(["python bench/compare.py", *map(shlex.quote, sys.argv[1:])]),
-              "eval": asdict(settings), "rows": rows, "verdict": verdict(by_name, variants)}
+              "eval": asdict(settings), "uniform_kl": uniform, "rows": rows,
+              "verdict": verdict(by_name, variants, rows[0])}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)
     write_text_atomic(RESULTS / f"{args.name}.md", markdown(report))

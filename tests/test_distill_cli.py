@@ -19,12 +19,15 @@ def test_cli_distill_progressive(tiny_model_dir: Path, tmp_path: Path, capsys) -
     corpus = write_corpus(tmp_path / "c.txt")
     code = main(["distill", "--from", str(int4), "--text-source", str(corpus), "--seq-len", "32", "--steps", "3",
                  "--batch-size", "2", "--loss", "gjsd", "--beta", "0.3", "--out", str(tmp_path / "out"), "--quiet",
-                 "--eval-every", "3", "--heldout-samples", "2"])
+                 "--eval-every", "3", "--heldout-samples", "2", "--delta-init", "output", "--train", "scales,norms",
+                 "--first-loss", "forward_kl", "--first-loss-steps", "1"])
     assert code == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["steps"] == 3 and line["heldout_kl_last"] is not None
     qc = read_quantization_config(tmp_path / "out")
     assert qc["recipe"]["beta"] == 0.3 and qc["bits"] == 2
+    assert qc["recipe"]["delta_init"] == "output" and qc["recipe"]["train"] == ["scales", "norms"]
+    assert qc["recipe"]["first_loss"] == "forward_kl" and qc["recipe"]["first_loss_steps"] == 1
     work = tmp_path / "out.work"
     assert (work / "metrics.jsonl").is_file() and not list(work.glob("step-*"))  # checkpoints cleaned up
 

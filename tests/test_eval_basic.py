@@ -106,7 +106,7 @@ def test_kl_matches_direct_float64(tiny_model, reference):
     with torch.no_grad():
         student.lm_head.weight.mul_(1.7)
     res = kl_and_agreement(student, model, reference)
-    total, n = 0.0, 0
+    total, uniform, n = 0.0, 0.0, 0
     with torch.no_grad():
         for p, r in zip(reference.prompt_ids, reference.response_ids):
             ids = torch.tensor([p + r])
@@ -114,8 +114,11 @@ def test_kl_matches_direct_float64(tiny_model, reference):
             lt = torch.log_softmax(model(ids).logits[0, pos].double(), -1)
             ls = torch.log_softmax(student(ids).logits[0, pos].double(), -1)
             total += (lt.exp() * (lt - ls)).sum().item()
+            flat = torch.full_like(lt, -torch.log(torch.tensor(lt.shape[-1], dtype=torch.float64)).item())
+            uniform += (lt.exp() * (lt - flat)).sum().item()  # KL(teacher || uniform guess)
             n += len(r)
     assert res["kl"] == pytest.approx(total / n, rel=1e-3)
+    assert res["uniform_kl"] == pytest.approx(uniform / n, rel=1e-3)
 
 
 def test_reference_cache_roundtrip(tiny_model, reference, ref_cache, monkeypatch):

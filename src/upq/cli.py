@@ -171,13 +171,14 @@ def _distill(args: argparse.Namespace) -> int:
     data = DataConfig(kind=args.data, text_source=args.text_source, seq_len=args.seq_len, mix_ratio=args.mix_ratio,
                       prompts_file=args.prompts, bundled_prompts=not args.no_bundled_prompts,
                       mask_prompt=not args.no_mask_prompt, chat=chat, heldout_samples=args.heldout_samples,
-                      cache_dir=args.data_cache)
+                      cache_dir=args.data_cache, self_instruct=args.self_instruct)
     cfg = DistillConfig(
         student_init=args.student_init, int4_dir=args.int4_dir, model=args.model, grid=args.grid, bits=args.bits,
         group_size=parse_group_size(args.group_size), delta_init=args.delta_init, include=args.include,
-        exclude=args.exclude, loss=args.loss, beta=args.beta, gamma=args.gamma, chunk_tokens=args.chunk_tokens,
+        exclude=args.exclude, train=tuple(t.strip() for t in args.train.split(",") if t.strip()),
+        loss=args.loss, first_loss=args.first_loss, first_loss_steps=args.first_loss_steps, beta=args.beta, gamma=args.gamma, chunk_tokens=args.chunk_tokens,
         data=data, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr_weight=args.lr_weight, lr_scale=args.lr_scale, warmup_steps=args.warmup_steps,
+        lr_weight=args.lr_weight, lr_scale=args.lr_scale, scale_eps=args.scale_eps, warmup_steps=args.warmup_steps,
         warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm,
         seed=args.seed, mixed_precision=args.mixed_precision, teacher_dtype=args.teacher_dtype,
         gradient_checkpointing=args.gradient_checkpointing, cpu=args.cpu, log_every=args.log_every,
@@ -400,13 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grid", default="seq", choices=["seq", "asym", "r2q"])
     d.add_argument("--bits", type=int, default=2)
     d.add_argument("--group-size", default="channel")
-    d.add_argument("--delta-init", default="max", choices=["max", "int4", "mse"],
-                   help="INT2 scale init: max|W| per row/group, Delta4, or the weight-MSE-optimal scale")
+    d.add_argument("--delta-init", default="max", choices=["max", "int4", "mse", "output"],
+                   help="INT2 scale init (docs/int2.md): max|W| per row/group, the checkpoint's own scale, the "
+                        "weight-MSE-optimal or the output-error-optimal scale on calibration text")
+    d.add_argument("--train", default="weights,scales",
+                   help="what trains, comma-separated: weights, scales, norms (scales alone: scale-only training)")
     d.add_argument("--include", action="append", help="regex on module names to quantize (direct init)")
     d.add_argument("--exclude", action="append", help="regex on module names to keep in full precision (direct init)")
     d.add_argument("--loss", default="gjsd", choices=["gjsd", "forward_kl", "reverse_kl", "cakld", "ntp"])
     d.add_argument("--beta", type=float, default=0.5, help="gJSD beta (0 = forward KL, 1 = reverse KL)")
     d.add_argument("--gamma", type=float, help="CAKLD gamma (default: estimated from the teacher's top-1 probability)")
+    d.add_argument("--first-loss", choices=["gjsd", "forward_kl", "reverse_kl", "cakld", "ntp"],
+                   help="loss of the first --first-loss-steps steps (then --loss)")
+    d.add_argument("--first-loss-steps", type=int, default=0)
     d.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per chunk of the full-vocabulary loss")
     d.add_argument("--data", default="text", choices=["text", "chat", "mix"])
     d.add_argument("--mix-ratio", type=float, default=0.5, help="fraction of chat samples with --data mix")
@@ -420,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--responses-per-prompt", type=int, default=1)
     d.add_argument("--gen-batch-size", type=int, default=32)
     d.add_argument("--data-cache", help="teacher-response cache directory (default: $UPQ_CACHE/distill-data)")
+    d.add_argument("--self-instruct", type=int, default=0,
+                   help="add N self-generated instruction/answer pairs to the chat data (see `upq self-instruct`)")
     length = d.add_mutually_exclusive_group(required=True)
     length.add_argument("--tokens", type=int, help="nominal training tokens (sets the number of steps)")
     length.add_argument("--steps", type=int, help="optimizer steps")
@@ -428,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grad-accum", type=int, default=1)
     d.add_argument("--lr-weight", type=float, default=5e-5)
     d.add_argument("--lr-scale", type=float, default=5e-4)
+    d.add_argument("--scale-eps", type=float, default=1e-12, help="AdamW eps of the quantizer scales")
     d.add_argument("--warmup-steps", type=int, help="default: --warmup-ratio of the steps")
     d.add_argument("--warmup-ratio", type=float, default=0.05)
     d.add_argument("--min-lr-ratio", type=float, default=0.0)

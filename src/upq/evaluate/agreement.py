@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -160,7 +162,7 @@ def _response_logits(model, ids, mask, rows, pos) -> torch.Tensor:
 @torch.no_grad()
 def _score(student, teacher, reference: Reference, batch_size: int, chunk_tokens: int) -> dict:
     """Sums over response tokens of KL, top-1 matches, reference-token matches and NLL."""
-    kl_sum, top1, ref_hits, nll_sum, n = 0.0, 0, 0, 0.0, 0
+    kl_sum, top1, ref_hits, nll_sum, uniform_sum, n = 0.0, 0, 0, 0.0, 0.0, 0
     models = [m for m in (student, teacher) if m is not None]
     modes = [m.training for m in models]
     for m in models:
@@ -180,12 +182,15 @@ def _score(student, teacher, reference: Reference, batch_size: int, chunk_tokens
                     lt = F.log_softmax(t_all[c : c + chunk_tokens].to(ls.device).float(), dim=-1)
                     kl = (lt.exp() * (lt - ls)).sum(-1)
                     kl_sum += kl.double().sum().item()
+                    entropy = -(lt.exp() * lt).sum(-1)
+                    uniform_sum += (math.log(lt.shape[-1]) - entropy).double().sum().item()
                     top1 += int((lt.argmax(-1) == s_arg).sum())
             n += s_all.shape[0]
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    return {"kl_sum": kl_sum, "top1": top1, "ref_hits": ref_hits, "nll_sum": nll_sum, "n": n}
+    return {"kl_sum": kl_sum, "top1": top1, "ref_hits": ref_hits, "nll_sum": nll_sum, "uniform_sum": uniform_sum,
+            "n": n}
 
 
 def _result(sums: dict, with_teacher: bool) -> dict:
@@ -195,6 +200,7 @@ def _result(sums: dict, with_teacher: bool) -> dict:
     return {
         "kl": sums["kl_sum"] / n if with_teacher else None,
         "top1_agreement": sums["top1"] / n if with_teacher else None,
+        "uniform_kl": sums["uniform_sum"] / n if with_teacher else None,
         "ref_agreement": sums["ref_hits"] / n,
         "ref_nll": sums["nll_sum"] / n,
         "tokens": n,
@@ -211,9 +217,10 @@ def kl_and_agreement(
 ) -> dict:
     """Mean ``KL(teacher || student)`` per response token and top-1 agreement (same argmax).
 
-    Returns ``{"kl", "top1_agreement", "ref_agreement", "ref_nll", "tokens"}``:
-    ``ref_agreement`` is how often the student's argmax equals the reference token and
-    ``ref_nll`` the student's mean NLL of the reference tokens.
+    Returns ``{"kl", "top1_agreement", "uniform_kl", "ref_agreement", "ref_nll", "tokens"}``:
+    ``uniform_kl`` is the KL a uniform guess would score (log V minus the teacher's mean entropy:
+    a model above it is confidently wrong), ``ref_agreement`` is how often the student's argmax
+    equals the reference token and ``ref_nll`` the student's mean NLL of the reference tokens.
     """
     return _result(_score(student, teacher, reference, batch_size, chunk_tokens), True)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blockwise_helpers import assert_resume_is_bit_identical
 from upq.checkpoint import save_quantized
 from upq.ptq.blockwise import BlockResult, BlockwiseConfig, blockwise_ptq, packed_layer_count
 
@@ -40,19 +41,7 @@ def test_blockwise_lowers_mse_and_packs(tiny_model_dir: Path, tiny_text_source: 
 
 
 def test_resume_after_crash_equals_uninterrupted(tiny_model_dir: Path, tiny_text_source: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tiny_text_source, bits=4, group_size=32)
-    full, _, full_results = blockwise_ptq(str(tiny_model_dir), cfg, tmp_path / "a")
-
-    def crash(result: BlockResult) -> None:
-        if result.index == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        blockwise_ptq(str(tiny_model_dir), cfg, tmp_path / "b", on_block_done=crash)
-    resumed, _, resumed_results = blockwise_ptq(str(tiny_model_dir), cfg, tmp_path / "b")
-    assert [r.mse_after for r in resumed_results] == [r.mse_after for r in full_results]
-    a, b = full.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(tiny_model_dir, _cfg(tiny_text_source, bits=4, group_size=32), tmp_path)
 
 
 def test_work_dir_of_another_run_is_refused(tiny_model_dir: Path, tiny_text_source: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blockwise_helpers import assert_resume_is_bit_identical
 from distill_helpers import one_thread, write_corpus  # noqa: F401 (fixture)
 from upq.checkpoint import load, load_tokenizer, save_quantized
 from upq.distill.student import Calibration, calibration_grams, progressive_student
@@ -14,7 +15,7 @@ from upq.grids import GridSpec
 from upq.grids.base import to_groups
 from upq.grids.seq import seq_codes, seq_levels, seq_output_error, seq_output_scale
 from upq.modules import QuantLinear
-from upq.ptq.blockwise import BlockResult, BlockwiseConfig, Int2BlocksConfig, blockwise_ptq, block_error
+from upq.ptq.blockwise import BlockwiseConfig, Int2BlocksConfig, blockwise_ptq, block_error
 from upq.ptq.handoff import SCALE_INITS, input_grams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,18 +140,7 @@ def test_int2_block_stage_starts_from_int4_and_lowers_error(tiny_model_dir: Path
 def test_int2_block_stage_resumes_bit_identically(tiny_model_dir: Path, int4_g32: Path, corpus: Path,
                                                   tmp_path: Path) -> None:
     cfg = _int2_cfg(int4_g32, corpus, delta_init="output", epochs=1)
-    full, _, full_results = blockwise_ptq(str(tiny_model_dir), cfg, tmp_path / "a")
-
-    def crash(result: BlockResult) -> None:
-        if result.index == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        blockwise_ptq(str(tiny_model_dir), cfg, tmp_path / "b", on_block_done=crash)
-    resumed, _, resumed_results = blockwise_ptq(str(tiny_model_dir), cfg, tmp_path / "b")
-    assert [r.mse_after for r in resumed_results] == [r.mse_after for r in full_results]
-    a, b = full.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(tiny_model_dir, cfg, tmp_path)
 
 
 def test_int2_block_config_errors(tiny_model_dir: Path, corpus: Path, tmp_path: Path) -> None:

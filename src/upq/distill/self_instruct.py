@@ -81,7 +81,7 @@ class SelfInstructSettings:
     overlap: float = 0.6
     ngram: int = 5
     decontaminate: bool = True
-    chunk_size: int = 256
+    chunk_size: int = 64
     max_candidates_per_sample: int = 8
 
     def __post_init__(self) -> None:

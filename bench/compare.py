@@ -153,13 +153,13 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     refs = {r["row"]: r for r in report["rows"]}
     for row in report["rows"]:
         curve = row.get("heldout_kl_curve")
         if curve:
             line, = ax.plot([t for t, _ in curve], [k for _, k in curve], marker="o", markersize=3,
-                            label=f"{row['row']} (trainer held-out KL)")
+                            label=f"{row['row'].split(' (')[0]} (trainer held-out KL)")
             ax.plot([curve[-1][0]], [row["kl"]], marker="x", markersize=9, color=line.get_color())
     ax.axhline(0.0, color="black", linestyle="--", linewidth=1, label="FP16 (KL 0)")
     if "ptq-int4" in refs:
@@ -169,7 +169,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("distillation training tokens")
     ax.set_ylabel("KL(original || model); x = final eval-prompt KL")
     ax.set_title(f"SmolLM2-135M-Instruct, INT2 recipes, {report['budget']} budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,8 +14,8 @@ from upq.distill.student import Calibration, calibration_grams, progressive_stud
 from upq.grids import GridSpec
 from upq.grids.base import to_groups
 from upq.grids.seq import seq_codes, seq_levels, seq_output_error, seq_output_scale
-from upq.modules import QuantLinear
-from upq.ptq.blockwise import BlockwiseConfig, Int2BlocksConfig, blockwise_ptq, block_error
+from upq.modules import PackedLinear, QuantLinear
+from upq.ptq.blockwise import BlockwiseConfig, Int2BlocksConfig, blockwise_ptq, block_error, load_latent_weights
 from upq.ptq.handoff import SCALE_INITS, input_grams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,3 +152,42 @@ def test_int2_block_config_errors(tiny_model_dir: Path, corpus: Path, tmp_path: 
         BlockwiseConfig(objective="l1")
     with pytest.raises(ValueError, match="not a upq checkpoint"):
         blockwise_ptq(str(tiny_model_dir), _int2_cfg(tmp_path, corpus), tmp_path / "w")
+
+
+def test_block_stage_latent_weights_carry_into_the_student(tiny_model_dir: Path, int4_g32: Path, corpus: Path,
+                                                           tmp_path: Path) -> None:
+    model, tokenizer, _ = blockwise_ptq(str(tiny_model_dir), _int2_cfg(int4_g32, corpus, epochs=1), tmp_path / "work")
+    ckpt = tmp_path / "int2"
+    save_quantized(model, ckpt, tokenizer, method="int2-blocks", extra={"source_model": str(tiny_model_dir)})
+    latent = load_latent_weights(tmp_path / "work")
+    name = "model.layers.1.mlp.down_proj"
+    packed = model.get_submodule(name)
+    assert set(latent) == {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    # the latent weights are off the grid, and their rounding is exactly the packed codes
+    assert not torch.equal(latent[f"{name}.weight"], packed.dequantize().float())
+    student = progressive_student(ckpt, GridSpec("seq", 2, 32), "int4", latent_from=tmp_path / "work").model
+    layer = student.get_submodule(name)
+    assert torch.equal(layer.weight.detach(), latent[f"{name}.weight"])
+    # up to the few weights on a boundary that the packed (float16) scale rounds the other way
+    differ = (layer.dequantized_weight() - packed.dequantize().float()).abs() > 1e-4
+    assert float(differ.float().mean()) < 1e-3
+    plain = progressive_student(ckpt, GridSpec("seq", 2, 32), "int4").model.get_submodule(name)
+    assert torch.equal(plain.weight.detach(), packed.dequantize().float())
+
+
+def test_latent_weights_errors(tiny_model_dir: Path, int4_g32: Path, corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a block-wise PTQ work directory"):
+        load_latent_weights(tmp_path)
+    blockwise_ptq(str(tiny_model_dir), _int2_cfg(int4_g32, corpus, epochs=1), tmp_path / "work")
+    (tmp_path / "work" / "latent-0001.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="re-run that stage"):
+        load_latent_weights(tmp_path / "work")
+    # latent weights of another run (the INT4 stage's work directory) do not round to the INT2 codes
+    model, tokenizer, _ = blockwise_ptq(str(tiny_model_dir), _int2_cfg(int4_g32, corpus, epochs=1, seed=1),
+                                        tmp_path / "other")
+    save_quantized(model, tmp_path / "int2", tokenizer, method="int2-blocks")
+    foreign = tmp_path / "foreign"
+    blockwise_ptq(str(tiny_model_dir), BlockwiseConfig(bits=4, group_size=32, samples=8, seq_len=32, epochs=1,
+                                                       calib_source=str(corpus)), foreign)
+    with pytest.raises(ValueError, match="do not round to this checkpoint"):
+        progressive_student(tmp_path / "int2", GridSpec("seq", 2, 32), "int4", latent_from=foreign)

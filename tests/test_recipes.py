@@ -55,6 +55,7 @@ def test_budget_and_overrides_apply() -> None:
         ("distill.loss=mse", "unknown loss"),
         ("clip.bits=2", "clip: override/budget for a stage this recipe does not have"),
         ("beta=0.3", "name the stage kind first"),
+        ("distill.beta=[0.3", "not valid YAML"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
@@ -136,3 +137,29 @@ def test_bitdistiller_teacher_is_the_original_not_the_clipped_model(tiny_model_d
     assert seen["teacher"] == str(tiny_model_dir)
     assert seen["model"].endswith("0-clip/out")
     assert (tmp_path / "out.work" / "0-clip" / "DONE.json").is_file()  # finished stage kept for resume
+
+
+def test_distill_takes_latent_weights_from_the_previous_block_stage(tiny_model_dir: Path, corpus: Path,
+                                                                    tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
+    seen = {}
+    import upq.pipeline as pipeline
+
+    def fake_distill(cfg, work, out):
+        seen["int4_dir"], seen["latent_from"] = cfg.int4_dir, cfg.latent_from
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_distill", fake_distill)
+    overrides = [o for o in TINY if o.split(".")[0] in ("ptq", "int2-blocks")]
+    overrides += [f"ptq.calib_source={corpus}", f"int2-blocks.calib_source={corpus}", "distill.latent_from=@previous"]
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe("upq", "cpu", overrides), str(tiny_model_dir), tmp_path / "out")
+    assert seen["int4_dir"].endswith("1-int2-blocks/out")
+    assert seen["latent_from"].endswith("1-int2-blocks/blocks")
+    assert (Path(seen["latent_from"]) / "latent-0000.safetensors").is_file()
+    # a previous stage that keeps no latent weights is refused with the reason
+    rtn_then_distill = tmp_path / "r.yaml"
+    rtn_then_distill.write_text("name: r\nstages:\n  - {stage: rtn, bits: 4}\n"
+                                "  - {stage: distill, latent_from: '@previous', steps: 1}\n")
+    with pytest.raises(ValueError, match="not a block-wise"):
+        run_recipe(load_recipe(str(rtn_then_distill)), str(tiny_model_dir), tmp_path / "out2")

@@ -173,7 +173,8 @@ def _distill(args: argparse.Namespace) -> int:
                       mask_prompt=not args.no_mask_prompt, chat=chat, heldout_samples=args.heldout_samples,
                       cache_dir=args.data_cache, self_instruct=args.self_instruct)
     cfg = DistillConfig(
-        student_init=args.student_init, int4_dir=args.int4_dir, model=args.model, grid=args.grid, bits=args.bits,
+        student_init=args.student_init, int4_dir=args.int4_dir, latent_from=args.latent_from, model=args.model,
+        grid=args.grid, bits=args.bits,
         group_size=parse_group_size(args.group_size), delta_init=args.delta_init, include=args.include,
         exclude=args.exclude, train=tuple(t.strip() for t in args.train.split(",") if t.strip()),
         loss=args.loss, first_loss=args.first_loss, first_loss_steps=args.first_loss_steps, beta=args.beta, gamma=args.gamma, chunk_tokens=args.chunk_tokens,
@@ -397,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student-init", default="progressive", choices=["progressive", "direct"],
                    help="progressive: from the INT4 checkpoint (--from); direct: from the original weights")
     d.add_argument("--from", dest="int4_dir", help="stage-1 INT4 checkpoint directory (progressive init)")
+    d.add_argument("--latent-from", dest="latent_from",
+                   help="work directory of the block stage that wrote --from: start from its latent float weights")
     d.add_argument("--model", help="original model = teacher (default: the INT4 checkpoint's source, else bundled)")
     d.add_argument("--grid", default="seq", choices=["seq", "asym", "r2q"])
     d.add_argument("--bits", type=int, default=2)

@@ -77,6 +77,7 @@ def run_recipe(recipe: Recipe, model_name: str | None, out: str | Path, work_dir
     source = model_name
     float_model = model_name
     last_checkpoint: Path | None = None
+    last_latent: Path | None = None  # the work directory of the last block stage, while its checkpoint is the last
     summaries = []
     for index, stage in enumerate(recipe.stages):
         stage_dir = work / f"{index}-{stage.kind}"
@@ -107,6 +108,11 @@ def run_recipe(recipe: Recipe, model_name: str | None, out: str | Path, work_dir
                         if last_checkpoint is None:
                             raise ValueError(f"stage {index} (distill) is progressive but no earlier stage made a checkpoint")
                         cfg.int4_dir = str(last_checkpoint)
+                    if cfg.latent_from == PREVIOUS:
+                        if last_latent is None:
+                            raise ValueError(f"stage {index} (distill) takes latent weights from the previous stage, "
+                                             "which is not a block-wise (ptq / int2-blocks) stage")
+                        cfg.latent_from = str(last_latent)
                 elif cfg.model is None:
                     cfg.model = float_model
                 if cfg.teacher is None:
@@ -119,6 +125,7 @@ def run_recipe(recipe: Recipe, model_name: str | None, out: str | Path, work_dir
             float_model = str(stage_out)
         else:
             last_checkpoint = stage_out
+            last_latent = stage_dir / "blocks" if stage.kind in ("ptq", "int2-blocks") else None
     if last_checkpoint is None:
         raise ValueError(f"recipe {recipe.name!r} has no stage that produces a quantized checkpoint")
     _publish(last_checkpoint, out, recipe, summaries, source)

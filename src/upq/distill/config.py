@@ -32,6 +32,8 @@ class DistillConfig:
     chat samples when ``data.kind == "mix"``.
     ``delta_init`` is the INT2 start (:mod:`upq.ptq.handoff`); ``output`` measures layer inputs on
     ``calib_samples`` x ``calib_seq_len`` tokens of the training split of ``data.text_source``.
+    ``latent_from``: the work directory of the block stage that wrote ``int4_dir``; the student
+    starts from its latent float weights instead of the dequantized codes (progressive only).
     ``first_loss`` replaces ``loss`` for the first ``first_loss_steps`` steps (e.g. forward KL while
     gJSD is saturated near its ceiling). ``train`` picks what trains: latent ``weights``, quantizer
     ``scales`` (Adam eps ``scale_eps``: their LSQ-scaled gradients are ~1e-8..1e-7, where Adam's
@@ -40,6 +42,7 @@ class DistillConfig:
 
     student_init: str = "progressive"
     int4_dir: str | None = None
+    latent_from: str | None = None
     model: str | None = None
     teacher: str | None = None
     grid: str = "seq"
@@ -91,6 +94,8 @@ class DistillConfig:
             raise ValueError(f"student_init must be one of {INITS}, got {self.student_init!r}")
         if self.student_init == "progressive" and not self.int4_dir:
             raise ValueError("progressive initialisation needs the INT4 checkpoint (int4_dir / --from)")
+        if self.latent_from is not None and self.student_init != "progressive":
+            raise ValueError("latent_from needs student_init='progressive'")
         if self.delta_init not in SCALE_INITS:
             raise ValueError(f"delta_init must be one of {SCALE_INITS}, got {self.delta_init!r}")
         self.train = check_trainable(self.train)

@@ -25,6 +25,7 @@ from ..grids import GridSpec
 from ..loading import is_upq_checkpoint, source_model_of
 from ..models import fix_special_tokens, load_model
 from ..modules import PackedLinear, QuantLinear, _set_submodule
+from ..ptq.blockwise import load_latent_weights
 from ..ptq.handoff import check_scale_init, init_scale, input_grams
 
 INITS = ("progressive", "direct")
@@ -73,6 +74,27 @@ def _grams_for(delta_init: str, model: nn.Module, tokenizer: Any, names: list[st
     return calibration_grams(model, tokenizer, names, calibration)
 
 
+def _start_weight(name: str, layer: PackedLinear, latent: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """The latent weight a progressive student starts from: the block stage's own latent weight
+    when ``latent`` is given, else the checkpoint's dequantized codes."""
+    dequantized = layer.dequantize().float()
+    if latent is None:
+        return dequantized
+    weight = latent.get(f"{name}.weight")
+    if weight is None or weight.shape != dequantized.shape:
+        raise ValueError(f"the latent weights have no {tuple(dequantized.shape)} weight for layer {name}; "
+                         "they must come from the work directory of the stage that wrote the checkpoint")
+    return weight.float()
+
+
+def _check_latent_matches(name: str, quant: QuantLinear, layer: PackedLinear, tolerance: float = 0.01) -> None:
+    """Refuse latent weights whose rounding is not (up to float noise) the checkpoint's codes."""
+    differs = (quant.dequantized_weight() - layer.dequantize().float()).abs() > 1e-4
+    if float(differs.float().mean()) > tolerance:
+        raise ValueError(f"layer {name}: the latent weights do not round to this checkpoint's codes "
+                         f"({float(differs.float().mean()):.1%} differ); they belong to another run")
+
+
 def progressive_student(
     int4_dir: str | Path,
     spec: GridSpec = GridSpec("seq", 2, None),
@@ -80,11 +102,17 @@ def progressive_student(
     device: str | torch.device = "cpu",
     train: tuple[str, ...] = ("weights", "scales"),
     calibration: Calibration = Calibration(),
+    latent_from: str | Path | None = None,
 ) -> Student:
-    """INT2 student initialised from a upq checkpoint directory (the INT4 stage-1 or INT2 block-stage output)."""
+    """INT2 student initialised from a upq checkpoint directory (the INT4 stage-1 or INT2 block-stage output).
+
+    ``latent_from``: the work directory of the block stage that wrote the checkpoint; its latent
+    float weights (:func:`upq.ptq.blockwise.load_latent_weights`) replace the dequantized codes.
+    """
     check_scale_init(delta_init)
     if not is_upq_checkpoint(int4_dir):
         raise ValueError(f"{int4_dir} is not a upq checkpoint directory (expected the INT4 stage-1 output)")
+    latent = load_latent_weights(latent_from) if latent_from is not None else None
     model = load_checkpoint(int4_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(str(int4_dir))
     fix_special_tokens(model, tokenizer)
@@ -93,13 +121,15 @@ def progressive_student(
     grams = _grams_for(delta_init, model, tokenizer, list(packed), calibration)
     for name, layer in packed.items():
         bias = None if layer.bias is None else layer.bias.float()
-        quant = QuantLinear(layer.dequantize().float(), bias, spec)
+        quant = QuantLinear(_start_weight(name, layer, latent), bias, spec)
         init_scale(quant, delta_init, layer, grams.pop(name, None))
+        if latent is not None and delta_init == "int4" and layer.spec == spec:
+            _check_latent_matches(name, quant, layer)
         _set_submodule(model, name, quant)
     model.to(device)
     freeze_except_quant(model, train)
     info = {"init": "progressive", "from": str(int4_dir), "from_bits": bits, "delta_init": delta_init,
-            "layers": len(packed), "grid": spec.describe()}
+            "layers": len(packed), "grid": spec.describe(), "latent": latent is not None}
     return Student(model, tokenizer, source_model_of(int4_dir), info)
 
 
@@ -147,12 +177,15 @@ def build_student(
     device: str | torch.device = "cpu",
     train: tuple[str, ...] = ("weights", "scales"),
     calibration: Calibration = Calibration(),
+    latent_from: str | Path | None = None,
 ) -> Student:
     """Dispatch on ``init`` (``"progressive"`` needs ``int4_dir``; ``"direct"`` uses ``model_name``)."""
     if init == "progressive":
         if int4_dir is None:
             raise ValueError("progressive initialisation needs the INT4 checkpoint directory (--from)")
-        return progressive_student(int4_dir, spec, delta_init, device, train, calibration)
+        return progressive_student(int4_dir, spec, delta_init, device, train, calibration, latent_from)
+    if latent_from is not None:
+        raise ValueError("latent_from applies to a progressive student only")
     if init == "direct":
         return direct_student(model_name, spec, include, exclude, device, delta_init, train, calibration)
     raise ValueError(f"student init must be one of {INITS}, got {init!r}")

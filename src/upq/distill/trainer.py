@@ -131,7 +131,7 @@ class _Run:
         cfg = self.cfg
         student = build_student(cfg.student_init, int4_dir=cfg.int4_dir, model_name=cfg.model, spec=cfg.spec,
                                 delta_init=cfg.delta_init, include=cfg.include, exclude=cfg.exclude,
-                                train=cfg.train, calibration=cfg.calibration)
+                                train=cfg.train, calibration=cfg.calibration, latent_from=cfg.latent_from)
         self.student_info: Student = student
         self.teacher_name = cfg.teacher or cfg.model or student.source_model
         teacher, _ = load_model(self.teacher_name, dtype=_teacher_dtype(cfg, self.device), device=self.device)

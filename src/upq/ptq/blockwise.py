@@ -46,6 +46,7 @@ from .layers import block_output, capture_first_block_inputs, decoder_layers
 log = get_logger("ptq")
 TRAINABLE = ("weights", "scales")
 OBJECTIVES = ("mse", "relative")
+LATENT_PREFIX = "latent-"  # work-directory files of the latent float weights, one per block
 
 
 @dataclass
@@ -174,14 +175,18 @@ class _WorkDir:
     def block_file(self, index: int) -> Path:
         return self.path / f"block-{index:04d}.safetensors"
 
+    def latent_file(self, index: int) -> Path:
+        return self.path / f"{LATENT_PREFIX}{index:04d}.safetensors"
+
     def acts_files(self, index: int) -> tuple[Path, Path]:
         return self.path / f"inputs-fp-{index:04d}.npy", self.path / f"inputs-q-{index:04d}.npy"
 
-    def commit_block(self, index: int, tensors: dict[str, torch.Tensor], fp: ActivationStore, q: ActivationStore,
-                     state: dict[str, Any]) -> None:
-        tmp = self.block_file(index).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        tmp.replace(self.block_file(index))
+    def commit_block(self, index: int, tensors: dict[str, torch.Tensor], latent: dict[str, torch.Tensor],
+                     fp: ActivationStore, q: ActivationStore, state: dict[str, Any]) -> None:
+        for path, content in ((self.latent_file(index), latent), (self.block_file(index), tensors)):
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in content.items()}, tmp)
+            tmp.replace(path)
         fp_file, q_file = self.acts_files(index + 1)
         fp.save(fp_file)
         q.save(q_file)
@@ -429,6 +434,8 @@ def blockwise_ptq(
         del initial
         next_q = ActivationStore(shape, work.path / f"cur-q-{index + 1:04d}.npy" if on_disk else None)
         _run_block(block, x_q, next_q, kwargs, cfg.batch_size, device, autocast)
+        latent = {f"{prefix}{index}.{name}.weight": block.get_submodule(name).weight.detach().cpu().clone()
+                  for name in names}
         pack_model(block)
         block_tensors = {f"{prefix}{index}.{k}": v.detach().cpu() for k, v in block.state_dict().items()}
         for name in names:
@@ -442,7 +449,7 @@ def blockwise_ptq(
         )
         state["done"] = index + 1
         state["blocks"].append(asdict(result))
-        work.commit_block(index, block_tensors, x_fp, x_q, state)
+        work.commit_block(index, block_tensors, latent, x_fp, x_q, state)
         layers[index] = block.to("meta")
         del block
         results.append(result)
@@ -472,6 +479,30 @@ def _assemble(model: PreTrainedModel, work: _WorkDir, state: dict[str, Any], n_b
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
         raise RuntimeError("some weights were never loaded while assembling the quantized model")
     return model.eval()
+
+
+def load_latent_weights(work_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full layer name + ``.weight`` -> the float latent weight each block's training ended with.
+
+    Block-wise PTQ keeps these in its work directory beside the packed blocks: the packed codes
+    are their rounding, and a later training stage that starts from them (instead of the
+    dequantized codes, which sit exactly on grid levels) can still move weights that ended
+    close to a decision boundary.
+    """
+    path = Path(work_dir)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a block-wise PTQ work directory (no state.json)")
+    done = json.loads(state_file.read_text())["done"]
+    files = [path / f"{LATENT_PREFIX}{index:04d}.safetensors" for index in range(done)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing or not files:
+        raise FileNotFoundError(f"{path} has no latent weights for {len(missing) or 'any'} block(s) "
+                                f"(e.g. {missing[:1]}); it was made before latent weights were kept, re-run that stage")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
 
 
 def packed_layer_count(model: torch.nn.Module) -> int:

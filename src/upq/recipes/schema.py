@@ -21,6 +21,7 @@ from ..grids import parse_group_size
 
 RECIPE_DIR = Path(__file__).parent
 PREVIOUS = "@previous"  # distill.int4_dir / int2-blocks.init_from placeholder: the previous stage's checkpoint
+# (distill.latent_from: the previous block stage's work directory)
 TOP_LEVEL = {"name", "description", "stages", "budgets"}
 BUDGETS = ("cpu", "cpu-long", "gpu")
 BUDGET_BASE = {"cpu-long": "cpu"}  # a budget starts from this one's settings, then applies its own
@@ -192,7 +193,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2:
         raise RecipeError(f"override {text!r}: name the stage kind first, e.g. ptq.samples=64")
-    return parts, yaml.safe_load(raw)
+    if raw.strip().startswith("@"):  # a placeholder such as @previous (YAML reserves '@')
+        return parts, raw.strip()
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from exc
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

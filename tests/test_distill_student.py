@@ -9,7 +9,8 @@ import torch
 
 from distill_helpers import one_thread, write_int4  # noqa: F401 (fixture)
 from upq.checkpoint import load
-from upq.distill.student import build_student, direct_student, progressive_student, trainable_groups
+from upq.distill.student import build_student, direct_student, progressive_student
+from upq.trainable import trainable_groups
 from upq.grids import GridSpec
 from upq.grids.seq import EPS
 from upq.modules import PackedLinear, QuantLinear

@@ -191,3 +191,14 @@ def test_latent_weights_errors(tiny_model_dir: Path, int4_g32: Path, corpus: Pat
                                                        calib_source=str(corpus)), foreign)
     with pytest.raises(ValueError, match="do not round to this checkpoint"):
         progressive_student(tmp_path / "int2", GridSpec("seq", 2, 32), "int4", latent_from=foreign)
+
+
+def test_block_stage_can_train_norm_gains(tiny_model_dir: Path, int4_g32: Path, corpus: Path, tmp_path: Path) -> None:
+    name = "model.layers.0.input_layernorm.weight"
+    frozen, _, _ = blockwise_ptq(str(tiny_model_dir), _int2_cfg(int4_g32, corpus), tmp_path / "a")
+    trained, _, results = blockwise_ptq(str(tiny_model_dir), _int2_cfg(int4_g32, corpus, train=("weights", "scales", "norms")),
+                                        tmp_path / "b")
+    original = load(int4_g32).state_dict()[name]
+    assert torch.equal(frozen.state_dict()[name], original)
+    assert not torch.equal(trained.state_dict()[name], original)
+    assert all(r.mse_after < r.mse_before for r in results)

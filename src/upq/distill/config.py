@@ -12,7 +12,8 @@ from ..grids import GridSpec
 from .data import DataConfig
 from .losses import LOSSES
 from ..ptq.handoff import SCALE_INITS
-from .student import INITS, Calibration, check_trainable
+from ..trainable import check_trainable
+from .student import INITS, Calibration
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")

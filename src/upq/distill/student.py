@@ -6,7 +6,7 @@
   (:mod:`upq.ptq.handoff`: ``max``, ``int4`` = the checkpoint's own scale, ``mse``, ``output``).
 * **direct** (the ablation): the original model's float weights, quantized straight to INT2.
 
-Which parameters train is :data:`TRAINABLE`-selected: the latent weights, the quantizer scales
+Which parameters train is :data:`upq.trainable.TRAINABLE`-selected: the latent weights, the quantizer scales
 and optionally the RMSNorm gains; everything else is frozen.
 """
 
@@ -27,9 +27,9 @@ from ..models import fix_special_tokens, load_model
 from ..modules import PackedLinear, QuantLinear, _set_submodule
 from ..ptq.blockwise import load_latent_weights
 from ..ptq.handoff import check_scale_init, init_scale, input_grams
+from ..trainable import check_trainable, trainable_groups
 
 INITS = ("progressive", "direct")
-TRAINABLE = ("weights", "scales", "norms")
 
 
 @dataclass
@@ -191,22 +191,9 @@ def build_student(
     raise ValueError(f"student init must be one of {INITS}, got {init!r}")
 
 
-def check_trainable(train: tuple[str, ...]) -> tuple[str, ...]:
-    """Validate a choice of trainable parameter kinds (a non-empty subset of :data:`TRAINABLE`)."""
-    train = tuple(train)
-    bad = [t for t in train if t not in TRAINABLE]
-    if bad or not train:
-        raise ValueError(f"train must be a non-empty subset of {TRAINABLE}, got {list(train)}")
-    return train
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return type(module).__name__.lower().endswith(("rmsnorm", "layernorm"))
-
-
 def freeze_except_quant(model: nn.Module, train: tuple[str, ...] = ("weights", "scales")) -> None:
     """Freeze every parameter except the chosen kinds: ``QuantLinear`` latent weights, quantizer
-    scales and/or norm gains (``train``, a subset of :data:`TRAINABLE`)."""
+    scales and/or norm gains (``train``, a subset of :data:`upq.trainable.TRAINABLE`)."""
     check_trainable(train)
     model.requires_grad_(False)
     groups = trainable_groups(model, train)
@@ -217,22 +204,3 @@ def freeze_except_quant(model: nn.Module, train: tuple[str, ...] = ("weights", "
     for params in groups.values():
         for p in params:
             p.requires_grad_(True)
-
-
-def trainable_groups(model: nn.Module, train: tuple[str, ...] = ("weights", "scales")) -> dict[str, list[nn.Parameter]]:
-    """Kind -> parameters of each chosen kind (``weights``, ``scales``, ``norms``), in module order."""
-    groups: dict[str, list[nn.Parameter]] = {kind: [] for kind in train}
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            if "weights" in groups:
-                groups["weights"].append(module.weight)
-            if "scales" in groups:
-                groups["scales"].extend(module.quantizer.parameters())
-        elif "norms" in groups and _is_norm(module):
-            groups["norms"].extend(p for p in module.parameters(recurse=False))
-    return groups
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor of the trainable student parameters (what a training checkpoint stores)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

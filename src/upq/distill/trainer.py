@@ -36,7 +36,8 @@ from .config import DistillConfig
 from .data import Batch, SampleStream, build_stream, collate, heldout_samples
 from .losses import chunked_loss
 from .state import ResumeError, TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .student import Student, build_student, trainable_groups, trainable_state
+from ..trainable import trainable_groups, trainable_state
+from .student import Student, build_student
 
 log = get_logger("distill")
 METHOD = "upq-distill"

@@ -37,14 +37,14 @@ from ..data.text import load_texts, token_blocks
 from ..grids import GridSpec
 from ..logs import get_logger, progress_enabled
 from ..models import fix_special_tokens, local_model_dir
-from ..modules import PackedLinear, QuantLinear, pack_model, quantize_model, select_linears
+from ..modules import PackedLinear, pack_model, quantize_model, select_linears
 from ..weights import WeightSource
+from ..trainable import check_trainable, trainable_groups
 from .activations import ActivationStore
 from .handoff import check_scale_init, init_scale, input_grams
 from .layers import block_output, capture_first_block_inputs, decoder_layers
 
 log = get_logger("ptq")
-TRAINABLE = ("weights", "scales")
 OBJECTIVES = ("mse", "relative")
 LATENT_PREFIX = "latent-"  # work-directory files of the latent float weights, one per block
 
@@ -55,7 +55,8 @@ class BlockwiseConfig:
 
     ``init_from``: a upq checkpoint whose dequantized blocks are the start (else the original
     weights); ``delta_init``: where the scales start (:mod:`upq.ptq.handoff`); ``objective``:
-    what each block minimises (:func:`block_error`).
+    what each block minimises (:func:`block_error`); ``train``: which parameters train
+    (:mod:`upq.trainable`; norm gains at ``lr_scale``).
     """
 
     grid: str = "seq"
@@ -67,7 +68,7 @@ class BlockwiseConfig:
     batch_size: int = 4
     lr_weight: float = 1e-4
     lr_scale: float = 1e-3
-    train: tuple[str, ...] = TRAINABLE
+    train: tuple[str, ...] = ("weights", "scales")
     calib_source: str = "wiki"
     chat_fraction: float = 0.0
     include: list[str] | None = None
@@ -80,10 +81,7 @@ class BlockwiseConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.train = tuple(self.train)
-        bad = [t for t in self.train if t not in TRAINABLE]
-        if bad or not self.train:
-            raise ValueError(f"train must be a non-empty subset of {TRAINABLE}, got {list(self.train)}")
+        self.train = check_trainable(self.train)
         if self.activations not in {"memory", "disk"}:
             raise ValueError(f"activations must be 'memory' or 'disk', got {self.activations!r}")
         if not 0.0 <= self.chat_fraction <= 1.0:
@@ -315,17 +313,11 @@ def _error(block: torch.nn.Module, inputs: ActivationStore, targets: ActivationS
 
 def _train_block(block: torch.nn.Module, inputs: ActivationStore, targets: ActivationStore, kwargs: dict[str, Any],
                  cfg: BlockwiseConfig, index: int, device: torch.device, autocast: bool) -> None:
-    quant_layers = [m for m in block.modules() if isinstance(m, QuantLinear)]
     for p in block.parameters():
         p.requires_grad_(False)
-    groups = []
-    if "weights" in cfg.train:
-        weights = [m.weight for m in quant_layers]
-        groups.append({"params": weights, "lr": cfg.lr_weight})
-    if "scales" in cfg.train:
-        scales = [p for m in quant_layers for p in m.quantizer.parameters()]
-        if scales:
-            groups.append({"params": scales, "lr": cfg.lr_scale})
+    lrs = {"weights": cfg.lr_weight, "scales": cfg.lr_scale, "norms": cfg.lr_scale}
+    groups = [{"params": params, "lr": lrs[kind]} for kind, params in trainable_groups(block, cfg.train).items()
+              if params]
     params = [p for g in groups for p in g["params"]]
     if not params or cfg.epochs == 0:
         return

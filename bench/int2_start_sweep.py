@@ -6,6 +6,7 @@ INT4 g64 checkpoint (``upq quantize --recipe ptq-int4 --budget cpu --set ptq.gro
     python bench/int2_start_sweep.py handoff INT4_DIR max,int4,mse,output      # untrained INT2 starts
     python bench/int2_start_sweep.py blocks INT4_DIR TAG '{"epochs": 4, ...}'  # the INT2 block stage
     python bench/int2_start_sweep.py distill START_DIR TAG KEY=VALUE ...       # upq-paper's distill stage
+    python bench/int2_start_sweep.py distill START_DIR TAG --recipe upq distill.latent_from=BLOCKS_WORK
 
 Each prints one JSON line (KL, top-1, per-block errors or the trainer's held-out KL curve);
 ``bench/results/int2_start_sweep.md`` collects them.
@@ -59,7 +60,7 @@ def blocks(args: argparse.Namespace) -> None:
 
 
 def distill_run(args: argparse.Namespace) -> None:
-    recipe = load_recipe("upq-paper", "cpu", ["distill.group_size=64", "distill.eval_every=5", *args.overrides])
+    recipe = load_recipe(args.recipe, "cpu", ["distill.group_size=64", "distill.eval_every=5", *args.overrides])
     cfg = next(s.config for s in recipe.stages if s.kind == "distill")
     cfg = dataclasses.replace(cfg, int4_dir=args.start)
     out, work = Path(args.work) / f"distill-{args.tag}", Path(args.work) / f"distill-{args.tag}.work"
@@ -86,6 +87,7 @@ def main() -> None:
     d.add_argument("start")
     d.add_argument("tag")
     d.add_argument("overrides", nargs="*")
+    d.add_argument("--recipe", default="upq-paper", help="whose distill stage (upq-paper, upq)")
     d.set_defaults(func=distill_run)
     args = parser.parse_args()
     args.func(args)

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-scale", type=float, default=1e-3)
     p.add_argument("--train", default="weights,scales", help="what trains: weights, scales or both")
     p.add_argument("--calib", default="wiki", help="'wiki' (bundled), a .txt/.jsonl file or a HF dataset id")
-    p.add_argument("--chat-fraction", type=float, default=0.0, help="share of calibration rows in chat format")
+    p.add_argument("--chat-fraction", type=float, default=0.0, help="share of calibration rows that are the original model's answers to the bundled training prompts")
     p.add_argument("--activations", default="memory", choices=["memory", "disk"])
     p.add_argument("--work-dir", help="per-block checkpoints for resume (default: OUT.work)")
     p.add_argument("--keep-work-dir", action="store_true")

@@ -22,22 +22,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..atomic import write_json_atomic
 from ..data.prompts import load_prompts
+from ..data.teacher_answers import ChatSettings, default_answer_cache, teacher_responses
 from ..data.text import load_texts, token_blocks
-from ..logs import get_logger, progress_enabled
+from ..logs import get_logger
 from .self_instruct import SelfInstructSettings, self_instruct_pairs
 
 log = get_logger("distill.data")
 KINDS = ("text", "chat", "mix")
-_CACHE_FORMAT = 1
 
 
 @dataclass
@@ -116,24 +115,6 @@ def text_samples(tokenizer: Any, source: str = "wiki", seq_len: int = 512, split
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ChatSettings:
-    """How the teacher answers prompts (sampling settings are part of the cache key)."""
-
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    responses_per_prompt: int = 1
-    batch_size: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.max_new_tokens < 1 or self.responses_per_prompt < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens, responses_per_prompt and batch_size must be >= 1")
-
-
 def load_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a ``.jsonl`` file (field ``prompt``, ``instruction`` or ``text``) or a ``.txt`` (one per line)."""
     path = Path(path).expanduser()
@@ -165,45 +146,6 @@ def training_prompts(prompts_file: str | Path | None = None, bundled: bool = Tru
     if not prompts:
         raise ValueError("no chat prompts: give a prompts file or keep the bundled prompts")
     return prompts
-
-
-def _cache_key(fingerprint: str, rendered: list[list[int]], settings: ChatSettings) -> str:
-    payload = json.dumps({"teacher": fingerprint, "prompts": rendered, "settings": asdict(settings)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def teacher_responses(teacher: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], settings: ChatSettings,
-                      cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """The teacher's responses as ``{"prompt_ids", "response_ids", "finished"}`` dicts, cached on disk.
-
-    Each prompt is answered ``responses_per_prompt`` times (repetition ``j`` sampled with seed
-    ``seed + 1000 * j``). The cache file is ``chat-<key>.json`` in ``cache_dir``.
-    """
-    from ..evaluate.agreement import model_fingerprint
-    from ..generation import generate_ids, render_prompt
-
-    prompts = list(prompts)
-    rendered = [render_prompt(tokenizer, p) for p in prompts]
-    key = _cache_key(model_fingerprint(teacher), rendered, settings)
-    path = Path(cache_dir) / f"chat-{key[:24]}.json" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("format") == _CACHE_FORMAT and data.get("key") == key:
-            log.info("reusing %d cached teacher responses from %s", len(data["samples"]), path)
-            return data["samples"]
-    samples: list[dict[str, Any]] = []
-    for rep in range(settings.responses_per_prompt):
-        gens = generate_ids(
-            teacher, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-            temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed + 1000 * rep,
-            progress=progress_enabled(),
-        )
-        samples += [{"prompt_ids": g.prompt_ids, "response_ids": g.response_ids, "finished": g.finished} for g in gens]
-    if path is not None:
-        write_json_atomic(path, {"format": _CACHE_FORMAT, "key": key, "settings": asdict(settings),
-                                 "prompts": prompts, "samples": samples})
-        log.info("cached %d teacher responses in %s", len(samples), path)
-    return samples
 
 
 def chat_samples(responses: Sequence[dict[str, Any]], seq_len: int, mask_prompt: bool = True) -> list[Sample]:
@@ -329,9 +271,7 @@ class DataConfig:
 
     def response_cache(self) -> Path:
         """Where teacher responses are cached (default ``$UPQ_CACHE/distill-data``, shared by runs)."""
-        from ..assets import cache_dir
-
-        return Path(self.cache_dir).expanduser() if self.cache_dir else cache_dir() / "distill-data"
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_answer_cache()
 
     @property
     def chat_ratio(self) -> float:

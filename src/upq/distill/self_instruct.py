@@ -42,11 +42,11 @@ import torch
 
 from ..atomic import write_json_atomic
 from ..data.prompts import load_prompts
+from ..data.teacher_answers import ChatSettings
 from ..logs import get_logger, progress_enabled
 
 if TYPE_CHECKING:
     from ..generation import Generation
-    from .data import ChatSettings
 
 __all__ = [
     "SelfInstructSettings",
@@ -260,7 +260,7 @@ def _keep(gens: Sequence["Generation"], tokenizer: Any, min_words: int, overlap:
 
 
 def _cache_key(teacher: torch.nn.Module, tokenizer: Any, prefix: list[int], settings: SelfInstructSettings,
-               answer: "ChatSettings", blocklist: Sequence[str]) -> str:
+               answer: ChatSettings, blocklist: Sequence[str]) -> str:
     from ..evaluate.agreement import model_fingerprint
     from ..generation import render_prompt
 
@@ -274,7 +274,7 @@ def _cache_key(teacher: torch.nn.Module, tokenizer: Any, prefix: list[int], sett
 
 
 def self_instruct_pairs(teacher: torch.nn.Module, tokenizer: Any, count: int, settings: SelfInstructSettings,
-                        answer: "ChatSettings", cache_dir: str | Path | None = None,
+                        answer: ChatSettings, cache_dir: str | Path | None = None,
                         blocklist: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``count`` self-generated instruction/answer pairs as ``{"instruction", "prompt_ids", "response_ids", "finished"}``.
 

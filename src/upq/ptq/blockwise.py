@@ -36,7 +36,8 @@ from ..data.prompts import load_prompts
 from ..data.text import load_texts, token_blocks
 from ..grids import GridSpec
 from ..logs import get_logger, progress_enabled
-from ..models import fix_special_tokens, local_model_dir
+from ..data.teacher_answers import ChatSettings, answer_rows, default_answer_cache, teacher_responses
+from ..models import fix_special_tokens, load_model, local_model_dir
 from ..modules import PackedLinear, pack_model, quantize_model, select_linears
 from ..weights import WeightSource
 from ..trainable import check_trainable, trainable_groups
@@ -121,24 +122,28 @@ class BlockResult:
     peak_device_mib: float | None
 
 
-def calibration_ids(tokenizer: Any, cfg: BlockwiseConfig) -> torch.Tensor:
-    """(samples, seq_len) token ids: plain text, with ``chat_fraction`` of rows in chat format."""
-    texts = load_texts(cfg.calib_source, "train")
+def calibration_ids(tokenizer: Any, cfg: BlockwiseConfig, model_name: str | None = None) -> torch.Tensor:
+    """(samples, seq_len) token ids: packed plain text, and ``chat_fraction`` of the rows the
+    original model's own answers to the bundled training prompts (packed prompt + answer, cached
+    and shared with distillation; text fills in when the answers run out)."""
     n_chat = round(cfg.samples * cfg.chat_fraction)
     rows = []
-    if cfg.samples - n_chat:
-        rows.append(token_blocks(texts, tokenizer, cfg.seq_len, cfg.samples - n_chat))
     if n_chat:
-        prompts = load_prompts("train")
-        chats = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompts[i % len(prompts)]}, {"role": "assistant", "content": text[:2000]}],
-                tokenize=False,
-            )
-            for i, text in enumerate(reversed(texts))
-        ]
-        rows.append(token_blocks(chats, tokenizer, cfg.seq_len, n_chat))
+        rows.append(_answer_rows(tokenizer, model_name, cfg.seq_len, n_chat))
+        if len(rows[0]) < n_chat:
+            log.warning("the teacher's answers fill only %d of %d chat calibration rows of %d tokens; the rest is text",
+                        len(rows[0]), n_chat, cfg.seq_len)
+    n_text = cfg.samples - sum(len(r) for r in rows)
+    if n_text:
+        rows.insert(0, token_blocks(load_texts(cfg.calib_source, "train"), tokenizer, cfg.seq_len, n_text))
     return torch.cat(rows)
+
+
+def _answer_rows(tokenizer: Any, model_name: str | None, seq_len: int, rows: int) -> torch.Tensor:
+    model, _ = load_model(model_name, dtype=torch.float32)
+    responses = teacher_responses(model, tokenizer, load_prompts("train"), ChatSettings(), default_answer_cache())
+    del model
+    return answer_rows(responses, seq_len, rows)
 
 
 def _peak_rss_mib() -> float:
@@ -383,7 +388,7 @@ def blockwise_ptq(
     start_checkpoint = _PackedStart(cfg.init_from) if cfg.init_from is not None else None
     state = work.load_state()
     n_blocks = len(layers)
-    ids = calibration_ids(tokenizer, cfg)
+    ids = calibration_ids(tokenizer, cfg, model_name)
     _, kwargs = capture_first_block_inputs(model, layers, ids[:1])
     kwargs = _kwargs_to(kwargs, device)
     hidden = model.config.hidden_size

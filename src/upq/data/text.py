@@ -3,7 +3,7 @@
 Sources understood by :func:`load_texts`:
 
 * ``"wiki"`` -- the ~100 English Wikipedia articles bundled in gensim's test data (offline, see
-  DESIGN.md §4), markup stripped;
+  docs/design.md, Offline sources), markup stripped;
 * a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (field ``"text"``);
 * a Hugging Face dataset id ``name[:config]`` (needs the optional ``datasets`` package).
 

@@ -1,4 +1,4 @@
-"""NLTK's English Punkt model without ``nltk.download`` (DESIGN.md §4).
+"""NLTK's English Punkt model without ``nltk.download`` (docs/design.md, Offline sources).
 
 The IFEval checkers call ``nltk.sent_tokenize`` / ``nltk.word_tokenize`` (NLTK >= 3.9 loads the
 ``punkt_tab`` model for both, also for the legacy ``tokenizers/punkt/english.pickle`` name).

@@ -85,15 +85,10 @@ def test_chat_calibration_rows_are_the_teachers_cached_answers(tiny_model_dir: P
     from upq.models import load_model
     from upq.ptq.blockwise import calibration_ids
 
-    import functools
-
-    import upq.ptq.blockwise as blockwise
-
     monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
-    short = functools.partial(ChatSettings, max_new_tokens=8)  # fast answers from the tiny model
-    monkeypatch.setattr(blockwise, "ChatSettings", short)
+    short = ChatSettings(max_new_tokens=8)  # fast answers from the tiny model
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids = calibration_ids(tokenizer, _cfg(tiny_text_source, samples=6, seq_len=16, chat_fraction=0.5),
+    ids = calibration_ids(tokenizer, _cfg(tiny_text_source, samples=6, seq_len=16, chat_fraction=0.5, chat=short),
                           str(tiny_model_dir))
     text_only = calibration_ids(tokenizer, _cfg(tiny_text_source, samples=3, seq_len=16), str(tiny_model_dir))
     cache = list((tmp_path / "cache" / "distill-data").glob("chat-*.json"))
@@ -101,11 +96,11 @@ def test_chat_calibration_rows_are_the_teachers_cached_answers(tiny_model_dir: P
     assert torch.equal(ids[:3], text_only)
     # the chat rows are the original model's answers to the training prompts, from the cache distillation shares
     model, _ = load_model(str(tiny_model_dir))
-    answers = teacher_responses(model, tokenizer, load_prompts("train"), short(), cache[0].parent)
+    answers = teacher_responses(model, tokenizer, load_prompts("train"), short, cache[0].parent)
     assert torch.equal(ids[3:], answer_rows(answers, 16, 3))
     assert ids[3, 0] == answers[0]["prompt_ids"][0]
     # answers too short for the rows asked for: text fills in
     available = len(answer_rows(answers, 32, 10_000))
-    many = calibration_ids(tokenizer, _cfg(tiny_text_source, samples=available + 5, seq_len=32, chat_fraction=1.0),
-                           str(tiny_model_dir))
+    many = calibration_ids(tokenizer, _cfg(tiny_text_source, samples=available + 5, seq_len=32, chat_fraction=1.0,
+                                           chat={"max_new_tokens": 8}), str(tiny_model_dir))
     assert many.shape == (available + 5, 32) and torch.equal(many[5:], answer_rows(answers, 32, available))

@@ -90,7 +90,7 @@ def corpus(tmp_path: Path) -> Path:
 
 TINY = [
     "ptq.samples=4", "ptq.seq_len=32", "ptq.epochs=1",
-    "int2-blocks.samples=4", "int2-blocks.seq_len=32", "int2-blocks.epochs=1",
+    "int2-blocks.samples=4", "int2-blocks.seq_len=32", "int2-blocks.epochs=1", "int2-blocks.chat.max_new_tokens=8",
     "distill.steps=3", "distill.tokens=null", "distill.batch_size=2", "distill.data.seq_len=128",
     "distill.data.chat.max_new_tokens=8", "distill.data.heldout_samples=2", "distill.save_every=2",
     "clip.samples=2", "clip.seq_len=32", "clip.tokens_per_layer=32",

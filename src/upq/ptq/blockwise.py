@@ -33,14 +33,14 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from ..atomic import write_json_atomic
 from ..checkpoint import install_packed_skeletons, materialize_meta_buffers, meta_model
 from ..data.prompts import load_prompts
+from ..data.teacher_answers import ChatSettings, answer_rows, default_answer_cache, teacher_responses
 from ..data.text import load_texts, token_blocks
 from ..grids import GridSpec
 from ..logs import get_logger, progress_enabled
-from ..data.teacher_answers import ChatSettings, answer_rows, default_answer_cache, teacher_responses
 from ..models import fix_special_tokens, load_model, local_model_dir
 from ..modules import PackedLinear, pack_model, quantize_model, select_linears
-from ..weights import WeightSource
 from ..trainable import check_trainable, trainable_groups
+from ..weights import WeightSource
 from .activations import ActivationStore
 from .handoff import check_scale_init, init_scale, input_grams
 from .layers import block_output, capture_first_block_inputs, decoder_layers
@@ -57,7 +57,9 @@ class BlockwiseConfig:
     ``init_from``: a upq checkpoint whose dequantized blocks are the start (else the original
     weights); ``delta_init``: where the scales start (:mod:`upq.ptq.handoff`); ``objective``:
     what each block minimises (:func:`block_error`); ``train``: which parameters train
-    (:mod:`upq.trainable`; norm gains at ``lr_scale``).
+    (:mod:`upq.trainable`; norm gains at ``lr_scale``); ``chat_fraction``: the share of
+    calibration rows that are the original model's answers (sampled as ``chat`` says; the same
+    settings as distillation's ``data.chat`` share one cached generation).
     """
 
     grid: str = "seq"
@@ -72,6 +74,7 @@ class BlockwiseConfig:
     train: tuple[str, ...] = ("weights", "scales")
     calib_source: str = "wiki"
     chat_fraction: float = 0.0
+    chat: ChatSettings = field(default_factory=ChatSettings)
     include: list[str] | None = None
     exclude: list[str] | None = None
     activations: str = "memory"
@@ -82,6 +85,8 @@ class BlockwiseConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.chat, dict):
+            self.chat = ChatSettings(**self.chat)
         self.train = check_trainable(self.train)
         if self.activations not in {"memory", "disk"}:
             raise ValueError(f"activations must be 'memory' or 'disk', got {self.activations!r}")
@@ -129,7 +134,7 @@ def calibration_ids(tokenizer: Any, cfg: BlockwiseConfig, model_name: str | None
     n_chat = round(cfg.samples * cfg.chat_fraction)
     rows = []
     if n_chat:
-        rows.append(_answer_rows(tokenizer, model_name, cfg.seq_len, n_chat))
+        rows.append(_answer_rows(tokenizer, model_name, cfg.chat, cfg.seq_len, n_chat))
         if len(rows[0]) < n_chat:
             log.warning("the teacher's answers fill only %d of %d chat calibration rows of %d tokens; the rest is text",
                         len(rows[0]), n_chat, cfg.seq_len)
@@ -139,9 +144,10 @@ def calibration_ids(tokenizer: Any, cfg: BlockwiseConfig, model_name: str | None
     return torch.cat(rows)
 
 
-def _answer_rows(tokenizer: Any, model_name: str | None, seq_len: int, rows: int) -> torch.Tensor:
+def _answer_rows(tokenizer: Any, model_name: str | None, settings: ChatSettings, seq_len: int,
+                 rows: int) -> torch.Tensor:
     model, _ = load_model(model_name, dtype=torch.float32)
-    responses = teacher_responses(model, tokenizer, load_prompts("train"), ChatSettings(), default_answer_cache())
+    responses = teacher_responses(model, tokenizer, load_prompts("train"), settings, default_answer_cache())
     del model
     return answer_rows(responses, seq_len, rows)
 

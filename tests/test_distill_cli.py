@@ -37,3 +37,12 @@ def test_cli_distill_errors(tmp_path: Path, capsys) -> None:
     assert "--from" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", "--steps", "1", "--tokens", "5", "--out", str(tmp_path / "o")])
+
+
+def test_cli_distill_latent_from_a_directory_without_latent_weights_is_one_line(tiny_model_dir: Path, tmp_path: Path,
+                                                                                capsys) -> None:
+    int4 = write_int4(tiny_model_dir, tmp_path / "int4")
+    code = main(["distill", "--from", str(int4), "--latent-from", str(tmp_path), "--steps", "1",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "not a block-wise PTQ work directory" in err and "Traceback" not in err

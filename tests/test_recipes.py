@@ -120,43 +120,40 @@ def test_recipe_end_to_end_on_tiny_model(name: str, tiny_model_dir: Path, corpus
     assert not (tmp_path / "out.work").exists()
 
 
-def test_bitdistiller_teacher_is_the_original_not_the_clipped_model(tiny_model_dir: Path, corpus: Path,
-                                                                     tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
-    seen = {}
+def _distill_config_given(recipe, model_dir: Path, tmp_path: Path, monkeypatch):
+    """Run ``recipe`` up to its distill stage and return the config that stage is given (it is not run)."""
     import upq.pipeline as pipeline
 
+    monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
+    seen = {}
+
     def fake_distill(cfg, work, out):
-        seen["teacher"], seen["model"] = cfg.teacher, cfg.model
+        seen["cfg"] = cfg
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "_run_distill", fake_distill)
-    overrides = [o for o in TINY if o.startswith("clip.")] + [f"clip.calib_source={corpus}"]
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(load_recipe("bitdistiller", "cpu", overrides), str(tiny_model_dir), tmp_path / "out")
-    assert seen["teacher"] == str(tiny_model_dir)
-    assert seen["model"].endswith("0-clip/out")
+        run_recipe(recipe, str(model_dir), tmp_path / "out")
+    return seen["cfg"]
+
+
+def test_bitdistiller_teacher_is_the_original_not_the_clipped_model(tiny_model_dir: Path, corpus: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    overrides = [o for o in TINY if o.startswith("clip.")] + [f"clip.calib_source={corpus}"]
+    cfg = _distill_config_given(load_recipe("bitdistiller", "cpu", overrides), tiny_model_dir, tmp_path, monkeypatch)
+    assert cfg.teacher == str(tiny_model_dir)
+    assert cfg.model.endswith("0-clip/out")
     assert (tmp_path / "out.work" / "0-clip" / "DONE.json").is_file()  # finished stage kept for resume
 
 
 def test_distill_takes_latent_weights_from_the_previous_block_stage(tiny_model_dir: Path, corpus: Path,
                                                                     tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
-    seen = {}
-    import upq.pipeline as pipeline
-
-    def fake_distill(cfg, work, out):
-        seen["int4_dir"], seen["latent_from"] = cfg.int4_dir, cfg.latent_from
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "_run_distill", fake_distill)
     overrides = [o for o in TINY if o.split(".")[0] in ("ptq", "int2-blocks")]
     overrides += [f"ptq.calib_source={corpus}", f"int2-blocks.calib_source={corpus}", "distill.latent_from=@previous"]
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(load_recipe("upq", "cpu", overrides), str(tiny_model_dir), tmp_path / "out")
-    assert seen["int4_dir"].endswith("1-int2-blocks/out")
-    assert seen["latent_from"].endswith("1-int2-blocks/blocks")
-    assert (Path(seen["latent_from"]) / "latent-0000.safetensors").is_file()
+    cfg = _distill_config_given(load_recipe("upq", "cpu", overrides), tiny_model_dir, tmp_path, monkeypatch)
+    assert cfg.int4_dir.endswith("1-int2-blocks/out")
+    assert cfg.latent_from.endswith("1-int2-blocks/blocks")
+    assert (Path(cfg.latent_from) / "latent-0000.safetensors").is_file()
     # a previous stage that keeps no latent weights is refused with the reason
     rtn_then_distill = tmp_path / "r.yaml"
     rtn_then_distill.write_text("name: r\nstages:\n  - {stage: rtn, bits: 4}\n"

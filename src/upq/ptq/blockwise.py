@@ -161,6 +161,10 @@ def _fingerprint(model_name: str, cfg: BlockwiseConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _latent_file(work_dir: Path, index: int) -> Path:
+    return work_dir / f"{LATENT_PREFIX}{index:04d}.safetensors"
+
+
 class _WorkDir:
     """Per-block checkpoints: packed block tensors, the activations entering the next block, state.json."""
 
@@ -185,7 +189,7 @@ class _WorkDir:
         return self.path / f"block-{index:04d}.safetensors"
 
     def latent_file(self, index: int) -> Path:
-        return self.path / f"{LATENT_PREFIX}{index:04d}.safetensors"
+        return _latent_file(self.path, index)
 
     def acts_files(self, index: int) -> tuple[Path, Path]:
         return self.path / f"inputs-fp-{index:04d}.npy", self.path / f"inputs-q-{index:04d}.npy"
@@ -497,7 +501,7 @@ def load_latent_weights(work_dir: str | Path) -> dict[str, torch.Tensor]:
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a block-wise PTQ work directory (no state.json)")
     done = json.loads(state_file.read_text())["done"]
-    files = [path / f"{LATENT_PREFIX}{index:04d}.safetensors" for index in range(done)]
+    files = [_latent_file(path, index) for index in range(done)]
     missing = [f.name for f in files if not f.is_file()]
     if missing or not files:
         raise FileNotFoundError(f"{path} has no latent weights for {len(missing) or 'any'} block(s) "

@@ -3,5 +3,8 @@
 __version__ = "0.1.0"
 
 from .checkpoint import load  # noqa: E402
+from .transformers_quantizer import register as _register_with_transformers  # noqa: E402
+
+_register_with_transformers()
 
 __all__ = ["load", "__version__"]

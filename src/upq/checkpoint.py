@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from . import __version__
 from .atomic import atomic_dir
 from .grids import GridSpec
+from .model_card import write_model_card
 from .modules import PackedLinear, _set_submodule, quantized_layer_names
 
 WEIGHTS_NAME = "model.safetensors"
@@ -111,6 +112,7 @@ def save_quantized(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_model_card(tmp)
     return out_dir
 
 

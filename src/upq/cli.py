@@ -92,6 +92,7 @@ def _recipes(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate.report import read_json
     from .evaluate.runner import EvalSettings, evaluate, headline
+    from .loading import is_upq_checkpoint
 
     if args.compare:
         print(compare_table([read_json(p) for p in args.compare]))
@@ -108,8 +109,21 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(None if args.model == "bundled" else args.model, args.reference, settings, device=args.device)
     if args.out:
         write_json_atomic(args.out, result)
+    if args.model != "bundled" and is_upq_checkpoint(args.model):
+        _record_in_card(Path(args.model), result)
     print(headline(result))
     return 0
+
+
+def _record_in_card(checkpoint: Path, result: dict) -> None:
+    """Add an evaluation to the checkpoint's model card; a read-only directory only warns."""
+    from .model_card import record_evaluation
+
+    log = get_logger("eval")
+    try:
+        record_evaluation(checkpoint, result)
+    except OSError as exc:
+        log.warning("could not record the results in %s's model card: %s", checkpoint, exc)
 
 
 def compare_table(results: list[dict]) -> str:

@@ -20,6 +20,7 @@ from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import save_quantized
 from .grids import GridSpec
 from .logs import get_logger
+from .model_card import write_model_card
 from .models import BUNDLED_MODEL, load_model
 from .recipes.schema import PREVIOUS, ClipStage, Recipe, RTNStage
 
@@ -156,3 +157,4 @@ def _publish(checkpoint: Path, out: Path, recipe: Recipe, summaries: list[dict[s
         qc["stages"] = summaries
         qc["source_model"] = source or BUNDLED_MODEL
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        write_model_card(tmp)

@@ -9,17 +9,17 @@ import math
 import pytest
 import torch
 
-import upq.evaluate.agreement as agreement
+import upq.evaluation.agreement as agreement
 from upq.data.text import pack_token_ids
-from upq.evaluate.agreement import (
+from upq.evaluation.agreement import (
     Reference,
     build_reference,
     compare_to_reference,
     kl_and_agreement,
     model_fingerprint,
 )
-from upq.evaluate.perplexity import perplexity
-from upq.evaluate.report import markdown_header, markdown_row, summary_line, write_json_atomic
+from upq.evaluation.perplexity import perplexity
+from upq.evaluation.report import markdown_header, markdown_row, summary_line, write_json_atomic
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -13,8 +13,8 @@ pytest.importorskip("nltk")
 pytest.importorskip("langdetect")
 pytest.importorskip("immutabledict")
 
-from upq.evaluate import ifeval  # noqa: E402
-from upq.evaluate.ifeval import (  # noqa: E402
+from upq.evaluation import ifeval  # noqa: E402
+from upq.evaluation.ifeval import (  # noqa: E402
     IFEvalExample,
     check_instructions,
     load_ifeval,
@@ -25,7 +25,7 @@ from upq.evaluate.ifeval import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def registry():
-    from upq.evaluate.ifeval_checkers import instruction_dict
+    from upq.evaluation.ifeval_checkers import instruction_dict
 
     try:
         return instruction_dict()
@@ -213,7 +213,7 @@ def test_run_ifeval_with_fake_generation(registry, monkeypatch, tmp_path):
 def test_punkt_tab_files_round_trip(tmp_path, monkeypatch):
     import nltk
 
-    from upq.evaluate.punkt_offline import PUNKT_ENGLISH, read_bundled_model, write_punkt_tab
+    from upq.evaluation.punkt_offline import PUNKT_ENGLISH, read_bundled_model, write_punkt_tab
     from upq.assets import get_asset
 
     try:
@@ -235,7 +235,7 @@ def test_punkt_tab_files_round_trip(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def offline_nltk():
-    from upq.evaluate.punkt_offline import ensure_punkt
+    from upq.evaluation.punkt_offline import ensure_punkt
 
     try:
         root = ensure_punkt()

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from upq.evaluate import mmlu
-from upq.evaluate.mmlu import (
+from upq.evaluation import mmlu
+from upq.evaluation.mmlu import (
     MMLUQuestion,
     build_prompt,
     format_question,

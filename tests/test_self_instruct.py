@@ -113,19 +113,19 @@ def test_eval_prompts_are_ifeval_plus_bundled_eval(monkeypatch) -> None:
         def __init__(self, prompt: str) -> None:
             self.prompt = prompt
 
-    monkeypatch.setattr("upq.evaluate.ifeval.load_ifeval", lambda source="auto": [Example(p) for p in EVAL])
+    monkeypatch.setattr("upq.evaluation.ifeval.load_ifeval", lambda source="auto": [Example(p) for p in EVAL])
     assert eval_prompts() == EVAL + load_prompts("eval")
 
     def offline(source="auto"):
         raise RuntimeError("no network")
 
-    monkeypatch.setattr("upq.evaluate.ifeval.load_ifeval", offline)
+    monkeypatch.setattr("upq.evaluation.ifeval.load_ifeval", offline)
     with pytest.raises(RuntimeError, match="decontaminate"):
         eval_prompts()
 
 
 def test_bundled_train_prompts_do_not_overlap_ifeval(monkeypatch) -> None:
-    from upq.evaluate.ifeval import load_ifeval
+    from upq.evaluation.ifeval import load_ifeval
 
     def offline(*args, **kwargs):
         raise RuntimeError("not downloading in tests")

@@ -2,9 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .api import evaluate, export, quantize  # noqa: E402
 from .checkpoint import load  # noqa: E402
 from .transformers_quantizer import register as _register_with_transformers  # noqa: E402
 
 _register_with_transformers()
 
-__all__ = ["load", "__version__"]
+__all__ = ["quantize", "evaluate", "export", "load", "__version__"]

@@ -67,13 +67,11 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _run_recipe(args: argparse.Namespace) -> int:
-    from .pipeline import run_recipe
-    from .recipes.schema import load_recipe
+    from .api import quantize
 
-    recipe = load_recipe(args.recipe, args.budget, args.set)
     start = time.perf_counter()
-    out = run_recipe(recipe, args.model, args.out, args.work_dir, device=args.device, keep_work=args.keep_work_dir)
-    print(json.dumps({"out": str(out), "recipe": recipe.name, "budget": recipe.budget,
+    out = quantize(args.model, args.recipe, args.budget, args.out, args.set, args.work_dir, args.device, args.keep_work_dir)
+    print(json.dumps({"out": str(out), "recipe": args.recipe, "budget": args.budget,
                       "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 
@@ -90,40 +88,25 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate.report import read_json
-    from .evaluate.runner import EvalSettings, evaluate, headline
-    from .loading import is_upq_checkpoint
+    from .evaluation.report import read_json
+    from .api import evaluate
+    from .evaluation.runner import headline
 
     if args.compare:
         print(compare_table([read_json(p) for p in args.compare]))
         return 0
     if not args.model:
         raise ValueError("give a MODEL to evaluate, or --compare A.json B.json ...")
-    settings = EvalSettings(
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), limit=args.limit,
-        batch_size=args.batch_size, ppl_max_tokens=args.ppl_tokens, kl_prompts=args.kl_prompts,
-        kl_max_new_tokens=args.kl_max_new_tokens, ifeval_max_new_tokens=args.max_new_tokens,
-        gen_batch_size=args.gen_batch_size,
-        mmlu_shots=args.shots, dtype=args.dtype, ppl_source=args.ppl_source,
-    )
-    result = evaluate(None if args.model == "bundled" else args.model, args.reference, settings, device=args.device)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = evaluate(None if args.model == "bundled" else args.model, tasks, args.reference, args.device,
+                      limit=args.limit, batch_size=args.batch_size, ppl_max_tokens=args.ppl_tokens,
+                      kl_prompts=args.kl_prompts, kl_max_new_tokens=args.kl_max_new_tokens,
+                      ifeval_max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                      mmlu_shots=args.shots, dtype=args.dtype, ppl_source=args.ppl_source)
     if args.out:
         write_json_atomic(args.out, result)
-    if args.model != "bundled" and is_upq_checkpoint(args.model):
-        _record_in_card(Path(args.model), result)
     print(headline(result))
     return 0
-
-
-def _record_in_card(checkpoint: Path, result: dict) -> None:
-    """Add an evaluation to the checkpoint's model card; a read-only directory only warns."""
-    from .model_card import record_evaluation
-
-    log = get_logger("eval")
-    try:
-        record_evaluation(checkpoint, result)
-    except OSError as exc:
-        log.warning("could not record the results in %s's model card: %s", checkpoint, exc)
 
 
 def compare_table(results: list[dict]) -> str:
@@ -147,27 +130,18 @@ def _fmt(value) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_hf
+    from .api import export
 
+    options = {"tokenizer_pre": args.tokenizer_pre, "strict": args.strict} if args.format == "gguf" else {}
+    result = export(args.checkpoint, args.out, args.format, args.dtype, **options)
     if args.format == "gguf":
-        return _export_gguf(args)
-    if args.format != "hf":
-        raise SystemExit(f"unknown export format {args.format!r}; supported: hf, gguf")
-    out = export_hf(args.checkpoint, args.out, dtype=DTYPES[args.dtype])
-    get_logger("export").info("wrote a plain transformers checkpoint to %s", out)
-    return 0
-
-
-def _export_gguf(args: argparse.Namespace) -> int:
-    from .export_gguf import export_gguf
-
-    report = export_gguf(args.checkpoint, args.out, dense_type=args.dtype, tokenizer_pre=args.tokenizer_pre,
-                         strict=args.strict)
-    report_path = write_json_atomic(f"{args.out}.report.json", report.to_dict())
-    print(report.table())
-    for note in report.notes:
-        print(f"note: {note}")
-    get_logger("export").info("wrote %s (report: %s)", args.out, report_path)
+        report_path = write_json_atomic(f"{args.out}.report.json", result.to_dict())
+        print(result.table())
+        for note in result.notes:
+            print(f"note: {note}")
+        get_logger("export").info("wrote %s (report: %s)", args.out, report_path)
+    else:
+        get_logger("export").info("wrote a plain transformers checkpoint to %s", result)
     return 0
 
 

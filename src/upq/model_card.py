@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json_atomic, write_text_atomic
+from .models import BUNDLED_HUB_ID, BUNDLED_MODEL
 
 CARD_NAME = "README.md"
 EVAL_NAME = "upq_eval.json"
@@ -20,6 +21,7 @@ EVAL_NAME = "upq_eval.json"
 def render_model_card(quant_config: dict[str, Any], weights_bytes: int, evaluation: dict[str, Any] | None) -> str:
     """The card's markdown for a checkpoint with ``quant_config`` and ``weights_bytes`` of weight files."""
     base = quant_config.get("source_model") or "unknown"
+    base = BUNDLED_HUB_ID if base == BUNDLED_MODEL else base
     recipe = quant_config.get("recipe") or {}
     method = quant_config.get("method", "upq")
     group = quant_config.get("group_size")

@@ -21,6 +21,7 @@ from upq.assets import SMOLLM2_GGUF, cache_dir, get_asset
 
 __all__ = [
     "BUNDLED_MODEL",
+    "BUNDLED_HUB_ID",
     "resolve_model",
     "convert_gguf",
     "load_model",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same weights on the Hugging Face hub
 _BUNDLED_EOS = "<|im_end|>"  # SmolLM2's chat turns end with this token (id 2)
 _MARKER = "upq_source.json"
 

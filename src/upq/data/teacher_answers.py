@@ -59,7 +59,7 @@ def teacher_responses(teacher: torch.nn.Module, tokenizer: Any, prompts: Sequenc
     Each prompt is answered ``responses_per_prompt`` times (repetition ``j`` sampled with seed
     ``seed + 1000 * j``). The cache file is ``chat-<key>.json`` in ``cache_dir``.
     """
-    from ..evaluate.agreement import model_fingerprint
+    from ..evaluation.agreement import model_fingerprint
     from ..generation import generate_ids, render_prompt
 
     prompts = list(prompts)

@@ -193,7 +193,7 @@ class EvalOverlap:
 
 def eval_prompts() -> list[str]:
     """Prompts that must stay out of training data: IFEval's 541 and the bundled ``eval`` prompts."""
-    from ..evaluate.ifeval import load_ifeval
+    from ..evaluation.ifeval import load_ifeval
 
     try:
         ifeval = [ex.prompt for ex in load_ifeval()]
@@ -261,7 +261,7 @@ def _keep(gens: Sequence["Generation"], tokenizer: Any, min_words: int, overlap:
 
 def _cache_key(teacher: torch.nn.Module, tokenizer: Any, prefix: list[int], settings: SelfInstructSettings,
                answer: ChatSettings, blocklist: Sequence[str]) -> str:
-    from ..evaluate.agreement import model_fingerprint
+    from ..evaluation.agreement import model_fingerprint
     from ..generation import render_prompt
 
     payload = {

@@ -8,6 +8,7 @@ stage kind, fields that override the stage; ``cpu-long`` starts from ``cpu``'s s
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 import dataclasses
 import types
 import typing
@@ -201,6 +202,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from exc
 
 
+def override_items(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[tuple[list[str], Any]]:
+    """(key path, value) of each override: ``["stage.key=value", ...]`` or ``{"stage.key": value}``."""
+    if not isinstance(overrides, Mapping):
+        return [parse_override(text) for text in overrides or []]
+    items = []
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if len(parts) < 2:
+            raise RecipeError(f"override key {key!r}: name the stage kind first, e.g. ptq.samples")
+        items.append((parts, value))
+    return items
+
+
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in patch.items():
@@ -211,7 +225,8 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(name_or_path: str, budget: str = "cpu", overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name_or_path: str, budget: str = "cpu",
+                overrides: Mapping[str, Any] | Sequence[str] | None = None) -> Recipe:
     """Read, apply the ``budget`` preset and ``overrides``, validate and build the stage configs."""
     raw = read_recipe_file(name_or_path)
     unknown = set(raw) - TOP_LEVEL
@@ -227,8 +242,7 @@ def load_recipe(name_or_path: str, budget: str = "cpu", overrides: list[str] | N
         raise RecipeError(f"budgets: only {BUDGETS} are allowed, got {sorted(budgets) if isinstance(budgets, dict) else budgets}")
     base = BUDGET_BASE.get(budget)
     patches: dict[str, dict[str, Any]] = _merge(budgets.get(base) or {} if base else {}, budgets.get(budget) or {})
-    for text in overrides or []:
-        parts, value = parse_override(text)
+    for parts, value in override_items(overrides):
         node = patches.setdefault(parts[0], {})
         for part in parts[1:-1]:
             node = node.setdefault(part, {})

@@ -10,7 +10,7 @@ as a private package ``_upq_ifeval_reference``. The checkers themselves only nee
 ``langdetect`` and ``immutabledict`` (the ``eval`` extra).
 
 Two environment fixes, both applied here once:
-- NLTK's punkt model comes from :mod:`upq.evaluate.punkt_offline` (no download);
+- NLTK's punkt model comes from :mod:`upq.evaluation.punkt_offline` (no download);
 - ``langdetect.DetectorFactory.seed = 0`` makes language detection deterministic (the current
   upstream checkers set the same seed).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from upq.assets import asset_path
-from upq.evaluate.punkt_offline import ensure_punkt
+from upq.evaluation.punkt_offline import ensure_punkt
 
 __all__ = ["REFERENCE_PACKAGE", "REFERENCE_VERSION", "load_registry", "instruction_dict"]
 

@@ -7,7 +7,7 @@ Hugging Face dataset ``google/IFEval`` when ``datasets`` is installed and the hu
 Responses: greedy decoding with the tokenizer's chat template (:func:`upq.generation.generate`).
 
 Scoring (the official rules): every instruction of a prompt is checked by the official checker
-(:mod:`upq.evaluate.ifeval_checkers`); an empty/blank response follows nothing.
+(:mod:`upq.evaluation.ifeval_checkers`); an empty/blank response follows nothing.
 - *strict*: the checker is run on the response as is;
 - *loose*: the instruction counts as followed if the checker passes on any of 8 variants: the
   response, without its first line, without its last line, without both, and each of those
@@ -142,7 +142,7 @@ def check_instructions(example: IFEvalExample, response: str, *, loose: bool = F
                        registry: dict[str, Any] | None = None) -> list[bool]:
     """Per instruction of ``example``: is it followed by ``response`` (strict or loose)?"""
     if registry is None:
-        from upq.evaluate.ifeval_checkers import instruction_dict
+        from upq.evaluation.ifeval_checkers import instruction_dict
 
         registry = instruction_dict()
     candidates = loose_variants(response) if loose else [response]
@@ -172,7 +172,7 @@ def score_responses(examples: Sequence[IFEvalExample], responses: Sequence[str])
     """Strict and loose prompt/instruction-level accuracies of ``responses`` (one per example)."""
     if len(examples) != len(responses):
         raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
-    from upq.evaluate.ifeval_checkers import instruction_dict
+    from upq.evaluation.ifeval_checkers import instruction_dict
 
     registry = instruction_dict()
     strict = [check_instructions(e, r, registry=registry) for e, r in zip(examples, responses)]

@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from upq.evaluate.report import read_json, write_json_atomic
+from upq.evaluation.report import read_json, write_json_atomic
 from upq.generation import generate_ids, render_prompt
 
 __all__ = [

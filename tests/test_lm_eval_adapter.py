@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -88,3 +89,59 @@ def test_clear_error_when_lm_eval_is_missing(monkeypatch, packed_ckpt: Path) -> 
     with pytest.raises(ImportError, match=r'pip install "lm-eval>=0\.4\.13,<0\.5"') as info:
         hflm(packed_ckpt)
     assert "lm-evaluation-harness" in str(info.value) and 'pip install -e ".[lm-eval]"' in str(info.value)
+
+
+DEMO_TASK = """task: upq_demo
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+DEMO_ROWS = [
+    '{"question": "What is two plus two?", "choices": ["three", "four", "five"], "answer": 1}',
+    '{"question": "Which of these is a fruit?", "choices": ["apple", "chair", "river"], "answer": 0}',
+    '{"question": "How many legs does a dog have?", "choices": ["two", "six", "four"], "answer": 2}',
+]
+
+
+def _demo_task(tmp_path: Path) -> Path:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "upq_demo.jsonl").write_text("\n".join(DEMO_ROWS) + "\n")
+    (tasks / "upq_demo.yaml").write_text(DEMO_TASK.format(data=tasks / "upq_demo.jsonl"))
+    return tasks
+
+
+def test_upq_lm_eval_command_and_lm_evals_own_hf_loader_agree(packed_ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from upq.cli import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = _demo_task(tmp_path)
+    assert main(["lm-eval", str(packed_ckpt), "--tasks", "upq_demo", "--include-path", str(tasks),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    assert "|upq_demo|" in capsys.readouterr().out
+    ours = json.loads((tmp_path / "r.json").read_text())["results"]["upq_demo"]["acc,none"]
+    # lm-eval's own "hf" model calls from_pretrained on the directory: works because upq is imported
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={packed_ckpt},dtype=float32", tasks=["upq_demo"],
+                             device="cpu", task_manager=TaskManager(include_path=str(tasks)))
+    assert theirs["results"]["upq_demo"]["acc,none"] == ours
+
+
+def test_upq_lm_eval_without_lm_eval_is_one_line(packed_ckpt: Path, monkeypatch, capsys) -> None:
+    from upq.cli import main
+
+    for name in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["lm-eval", str(packed_ckpt), "--tasks", "hellaswag"]) == 2
+    assert "pip install" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: ``upq quantize | eval | export``."""
+"""Command line: ``upq quantize | recipes | eval | lm-eval | export | distill | self-instruct | generate | chat``."""
 
 from __future__ import annotations
 
@@ -142,6 +142,26 @@ def _export(args: argparse.Namespace) -> int:
         get_logger("export").info("wrote %s (report: %s)", args.out, report_path)
     else:
         get_logger("export").info("wrote a plain transformers checkpoint to %s", result)
+    return 0
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    from .atomic import write_text_atomic
+    from .lm_eval_adapter import results_json, results_table, run_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("give at least one lm-eval task with --tasks")
+    batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    try:
+        results = run_tasks(None if args.model == "bundled" else args.model, tasks, args.include_path,
+                            args.num_fewshot, limit, batch, args.device)
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from exc
+    if args.out:
+        write_text_atomic(args.out, results_json(results))
+    print(results_table(results))
     return 0
 
 
@@ -369,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", nargs="+", metavar="RESULT.json", help="print saved results side by side")
     _add_common(e)
     e.set_defaults(func=_eval)
+
+    le = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a model (needs the lm-eval extra)")
+    le.add_argument("model", help="upq checkpoint, transformers directory, hub id, or 'bundled'")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    le.add_argument("--include-path", help="directory of your own lm-eval task YAML files")
+    le.add_argument("--num-fewshot", type=int)
+    le.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
+    le.add_argument("--batch-size", default="1", help="an integer or 'auto'")
+    le.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    le.add_argument("--out", help="write lm-eval's results dictionary here as JSON")
+    _add_common(le)
+    le.set_defaults(func=_lm_eval)
 
     x = sub.add_parser("export", help="export a upq checkpoint for other tools")
     x.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: dequantized transformers dir; "

@@ -8,9 +8,11 @@ lm-eval is an optional extra (``pip install -e ".[lm-eval]"`` in a checkout); it
 
     results = simple_evaluate(model=hflm("out/upq-int2", batch_size=8), tasks=["hellaswag"])
 
-The checkpoint is loaded by :func:`upq.loading.load_any` (so its decoder linears stay
+``upq lm-eval DIR --tasks ...`` (:func:`run_tasks`) does the same from the command line. The
+checkpoint is loaded by :func:`upq.loading.load_any` (so its decoder linears stay
 ``PackedLinear`` and run the packed kernels); lm-eval receives the live model object and
-never calls ``from_pretrained`` on a upq directory, which plain transformers cannot read.
+does not need to call ``from_pretrained`` itself (which also works once ``upq`` is imported:
+:mod:`upq.transformers_quantizer`).
 """
 
 from __future__ import annotations
@@ -61,3 +63,39 @@ def hflm(
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     model.eval()
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **hflm_kwargs)
+
+
+def run_tasks(
+    model_or_path: str | Path | None,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 1,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Run lm-eval tasks (hub names, or local YAML tasks under ``include_path``) and return its results."""
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"task directory not found: {include_path}")
+    lm = hflm(model_or_path, batch_size=batch_size, device=device)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                           task_manager=TaskManager(include_path=include_path))
+
+
+def results_json(results: dict[str, Any]) -> str:
+    """The results as JSON text, with lm-eval's own fallback for values JSON cannot hold (dtypes, ...)."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """lm-eval's own markdown table of a results dictionary."""
+    from lm_eval.utils import make_table
+
+    return make_table(results)

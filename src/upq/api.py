@@ -47,7 +47,7 @@ def quantize(
 
 def evaluate(
     model: str | Path | None = None,
-    tasks: Sequence[str] = ("ppl", "kl"),
+    tasks: Sequence[str] | None = None,
     reference: str | None = None,
     device: str = "cpu",
     record: bool = True,
@@ -55,7 +55,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a model (upq checkpoint, transformers directory, hub id; ``None``: the bundled model).
 
-    ``settings`` are :class:`upq.evaluation.runner.EvalSettings` fields (``limit``, ``ppl_max_tokens``,
+    ``tasks``: ppl, kl, mmlu, ifeval (default: EvalSettings' ppl and kl). ``settings`` are
+    :class:`upq.evaluation.runner.EvalSettings` fields (``limit``, ``ppl_max_tokens``,
     ``kl_prompts``, ...). KL and top-1 agreement are measured against ``reference`` (default: the
     source model a upq checkpoint records). With ``record``, a upq checkpoint's model card gets the
     results. Returns the result dictionary that ``upq eval --out`` writes.
@@ -65,7 +66,7 @@ def evaluate(
     from .loading import is_upq_checkpoint
 
     result = run_evaluation(None if model is None else str(model), reference,
-                            EvalSettings(tasks=tuple(tasks), **settings), device=device)
+                            EvalSettings(**({} if tasks is None else {"tasks": tuple(tasks)}), **settings), device=device)
     if record and model is not None and is_upq_checkpoint(model):
         _record_in_card(Path(model), result)
     return result

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .atomic import write_json_atomic
+from .cli_fields import FieldMap, config_from_args, flag_default
 from .logs import get_logger, setup_logging
 from .kernels.ops import BACKENDS
 from .recipes.schema import BUDGETS
@@ -32,11 +33,15 @@ def _quantize(args: argparse.Namespace) -> int:
     from .models import BUNDLED_MODEL, load_model
     from .ptq.blockwise import BlockwiseConfig, blockwise_ptq
     from .ptq.rtn import rtn_quantize
+    from .recipes.schema import RTNStage
 
     log = get_logger("quantize")
     if args.recipe:
         return _run_recipe(args)
-    spec = GridSpec(args.grid, args.bits, parse_group_size(args.group_size))
+    method_config = RTNStage if args.method == "rtn" else BlockwiseConfig
+    grid_flags = {dest: getattr(args, dest) if getattr(args, dest) is not None else flag_default(method_config, GRID_FIELDS, dest)
+                  for dest in GRID_FIELDS}  # the grid defaults differ by method: each method config's own
+    spec = GridSpec(grid_flags["grid"], grid_flags["bits"], parse_group_size(grid_flags["group_size"]))
     start = time.perf_counter()
     extra: dict = {"source_model": args.model or BUNDLED_MODEL}
     if args.method == "rtn":
@@ -45,12 +50,8 @@ def _quantize(args: argparse.Namespace) -> int:
         recipe = {"method": args.method, "grid": spec.grid, "bits": spec.bits, "group_size": spec.group_size,
                   "include": args.include, "exclude": args.exclude}
     else:
-        cfg = BlockwiseConfig(
-            grid=spec.grid, bits=spec.bits, group_size=spec.group_size, samples=args.samples, seq_len=args.seq_len,
-            epochs=args.epochs, batch_size=args.batch_size, lr_weight=args.lr_weight, lr_scale=args.lr_scale,
-            train=tuple(args.train.split(",")), calib_source=args.calib, chat_fraction=args.chat_fraction,
-            include=args.include, exclude=args.exclude, activations=args.activations, seed=args.seed,
-        )
+        cfg = config_from_args(BlockwiseConfig, BLOCKWISE_FIELDS, args, grid=spec.grid, bits=spec.bits,
+                               group_size=spec.group_size)
         work_dir = Path(args.work_dir or f"{args.out.rstrip('/')}.work")
         model, tokenizer, blocks = blockwise_ptq(args.model, cfg, work_dir, device=args.device)
         recipe = {"method": args.method, **asdict(cfg)}
@@ -97,12 +98,10 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise ValueError("give a MODEL to evaluate, or --compare A.json B.json ...")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = evaluate(None if args.model == "bundled" else args.model, tasks, args.reference, args.device,
-                      limit=args.limit, batch_size=args.batch_size, ppl_max_tokens=args.ppl_tokens,
-                      kl_prompts=args.kl_prompts, kl_max_new_tokens=args.kl_max_new_tokens,
-                      ifeval_max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
-                      mmlu_shots=args.shots, dtype=args.dtype, ppl_source=args.ppl_source)
+    settings = {field: getattr(args, dest) for dest, (field,) in EVAL_FIELDS.items()}
+    settings["tasks"] = [t.strip() for t in settings["tasks"].split(",") if t.strip()]
+    result = evaluate(None if args.model == "bundled" else args.model, reference=args.reference, device=args.device,
+                      **settings)
     if args.out:
         write_json_atomic(args.out, result)
     print(headline(result))
@@ -167,32 +166,12 @@ def _lm_eval(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from .distill.config import DistillConfig
-    from .distill.data import ChatSettings, DataConfig
     from .distill.trainer import NonFiniteLossError, distill
-    from .grids import parse_group_size
 
     log = get_logger("distill")
     if args.student_init == "progressive" and not args.int4_dir:
         raise ValueError("--student-init progressive needs --from INT4_DIR (a stage-1 checkpoint)")
-    chat = ChatSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                        responses_per_prompt=args.responses_per_prompt, batch_size=args.gen_batch_size, seed=args.seed)
-    data = DataConfig(kind=args.data, text_source=args.text_source, seq_len=args.seq_len, mix_ratio=args.mix_ratio,
-                      prompts_file=args.prompts, bundled_prompts=not args.no_bundled_prompts,
-                      mask_prompt=not args.no_mask_prompt, chat=chat, heldout_samples=args.heldout_samples,
-                      cache_dir=args.data_cache, self_instruct=args.self_instruct)
-    cfg = DistillConfig(
-        student_init=args.student_init, int4_dir=args.int4_dir, latent_from=args.latent_from, model=args.model,
-        grid=args.grid, bits=args.bits,
-        group_size=parse_group_size(args.group_size), delta_init=args.delta_init, include=args.include,
-        exclude=args.exclude, train=tuple(t.strip() for t in args.train.split(",") if t.strip()),
-        loss=args.loss, first_loss=args.first_loss, first_loss_steps=args.first_loss_steps, beta=args.beta, gamma=args.gamma, chunk_tokens=args.chunk_tokens,
-        data=data, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr_weight=args.lr_weight, lr_scale=args.lr_scale, scale_eps=args.scale_eps, warmup_steps=args.warmup_steps,
-        warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm,
-        seed=args.seed, mixed_precision=args.mixed_precision, teacher_dtype=args.teacher_dtype,
-        gradient_checkpointing=args.gradient_checkpointing, cpu=args.cpu, log_every=args.log_every,
-        eval_every=args.eval_every, save_every=args.save_every,
-    )
+    cfg = config_from_args(DistillConfig, DISTILL_FIELDS, args)
     work_dir = Path(args.work_dir or f"{args.out.rstrip('/')}.work")
     try:
         result = distill(cfg, args.out, work_dir)
@@ -329,8 +308,133 @@ def _add_generation_parsers(sub) -> None:
         g.set_defaults(func=_generate if name == "generate" else _chat)
 
 
+# `upq quantize` grid flags: RTNStage's or BlockwiseConfig's defaults, by --method
+GRID_FIELDS: FieldMap = {"grid": ("grid",), "bits": ("bits",), "group_size": ("group_size",)}
+# `upq quantize --method blockwise-ptq` flags -> BlockwiseConfig fields
+BLOCKWISE_FIELDS: FieldMap = {
+    "samples": ("samples",), "seq_len": ("seq_len",), "epochs": ("epochs",), "batch_size": ("batch_size",),
+    "lr_weight": ("lr_weight",), "lr_scale": ("lr_scale",), "train": ("train",), "calib": ("calib_source",),
+    "chat_fraction": ("chat_fraction",), "activations": ("activations",), "seed": ("seed",),
+    "include": ("include",), "exclude": ("exclude",),
+}
+# `upq eval` flags -> EvalSettings fields
+EVAL_FIELDS: FieldMap = {
+    "tasks": ("tasks",), "limit": ("limit",), "shots": ("mmlu_shots",), "batch_size": ("batch_size",), "gen_batch_size": ("gen_batch_size",),
+    "ppl_tokens": ("ppl_max_tokens",), "ppl_source": ("ppl_source",), "kl_prompts": ("kl_prompts",),
+    "kl_max_new_tokens": ("kl_max_new_tokens",), "max_new_tokens": ("ifeval_max_new_tokens",), "dtype": ("dtype",),
+}
+
+# `upq distill` flags -> DistillConfig fields (defaults are read from the dataclass: one home per default)
+DISTILL_FIELDS: FieldMap = {
+    "student_init": ("student_init",), "int4_dir": ("int4_dir",), "latent_from": ("latent_from",),
+    "model": ("model",), "teacher": ("teacher",), "grid": ("grid",), "bits": ("bits",), "group_size": ("group_size",),
+    "delta_init": ("delta_init",), "calib_samples": ("calib_samples",), "calib_seq_len": ("calib_seq_len",),
+    "train": ("train",), "include": ("include",), "exclude": ("exclude",), "loss": ("loss",), "beta": ("beta",),
+    "gamma": ("gamma",), "gamma_batches": ("gamma_batches",), "first_loss": ("first_loss",),
+    "first_loss_steps": ("first_loss_steps",), "chunk_tokens": ("chunk_tokens",),
+    "data": ("data.kind",), "mix_ratio": ("data.mix_ratio",), "text_source": ("data.text_source",),
+    "prompts": ("data.prompts_file",), "no_bundled_prompts": ("!data.bundled_prompts",),
+    "no_mask_prompt": ("!data.mask_prompt",), "temperature": ("data.chat.temperature",),
+    "top_p": ("data.chat.top_p",), "max_new_tokens": ("data.chat.max_new_tokens",),
+    "responses_per_prompt": ("data.chat.responses_per_prompt",), "gen_batch_size": ("data.chat.batch_size",),
+    "data_cache": ("data.cache_dir",), "self_instruct": ("data.self_instruct",), "seq_len": ("data.seq_len",),
+    "heldout_samples": ("data.heldout_samples",), "tokens": ("tokens",), "steps": ("steps",),
+    "batch_size": ("batch_size",), "grad_accum": ("grad_accum",), "lr_weight": ("lr_weight",),
+    "lr_scale": ("lr_scale",), "scale_eps": ("scale_eps",), "warmup_steps": ("warmup_steps",),
+    "warmup_ratio": ("warmup_ratio",), "min_lr_ratio": ("min_lr_ratio",), "max_grad_norm": ("max_grad_norm",),
+    "mixed_precision": ("mixed_precision",), "teacher_dtype": ("teacher_dtype",),
+    "gradient_checkpointing": ("gradient_checkpointing",), "cpu": ("cpu",), "seed": ("seed", "data.chat.seed"),
+    "log_every": ("log_every",), "eval_every": ("eval_every",), "save_every": ("save_every",),
+    "keep_checkpoints": ("keep_checkpoints",),
+}
+
+
+def _add_distill_flags(d: argparse.ArgumentParser) -> None:
+    """The ``upq distill`` flags; each default is DistillConfig's."""
+    from .distill.config import MIXED_PRECISION, TEACHER_DTYPES, DistillConfig
+    from .distill.data import KINDS
+    from .distill.losses import LOSSES
+    from .distill.student import INITS
+    from .ptq.handoff import SCALE_INITS
+
+    def opt(flag: str, dest: str | None = None, **kw) -> None:
+        dest = dest or flag.lstrip("-").replace("-", "_")
+        if kw.get("action") != "store_true":
+            kw["default"] = flag_default(DistillConfig, DISTILL_FIELDS, dest)
+        d.add_argument(flag, dest=dest, **kw)
+
+    losses = sorted(LOSSES)
+    opt("--student-init", choices=list(INITS),
+        help="progressive: from the INT4 checkpoint (--from); direct: from the original weights")
+    opt("--from", dest="int4_dir", help="stage-1 INT4 checkpoint directory (progressive init)")
+    opt("--latent-from", help="work directory of the block stage that wrote --from: start from its latent float weights")
+    opt("--model", help="original model (direct init; default: the INT4 checkpoint's source, else bundled)")
+    opt("--teacher", help="the frozen teacher (default: --model, or the INT4 checkpoint's recorded source)")
+    opt("--grid", choices=["seq", "asym", "r2q"])
+    opt("--bits", type=int)
+    opt("--group-size", help="'channel' (one group per row) or 32/64/128")
+    opt("--delta-init", choices=list(SCALE_INITS),
+        help="INT2 scale init (docs/int2.md): max|W| per row/group, the checkpoint's own scale, the "
+             "weight-MSE-optimal or the output-error-optimal scale on calibration text")
+    opt("--calib-samples", type=int, help="calibration sequences of the output-aware hand-off")
+    opt("--calib-seq-len", type=int)
+    opt("--train", help="what trains, comma-separated: weights, scales, norms (scales alone: scale-only training)")
+    opt("--include", action="append", help="regex on module names to quantize (direct init)")
+    opt("--exclude", action="append", help="regex on module names to keep in full precision (direct init)")
+    opt("--loss", choices=losses)
+    opt("--beta", type=float, help="gJSD beta (0 = forward KL, 1 = reverse KL)")
+    opt("--gamma", type=float, help="CAKLD gamma (default: estimated from the teacher's top-1 probability)")
+    opt("--gamma-batches", type=int, help="teacher batches the CAKLD gamma is estimated on")
+    opt("--first-loss", choices=losses, help="loss of the first --first-loss-steps steps (then --loss)")
+    opt("--first-loss-steps", type=int)
+    opt("--chunk-tokens", type=int, help="tokens per chunk of the full-vocabulary loss")
+    opt("--data", choices=list(KINDS))
+    opt("--mix-ratio", type=float, help="fraction of chat samples with --data mix")
+    opt("--text-source", help="'wiki' (bundled), a .txt/.jsonl file or a HF dataset id")
+    opt("--prompts", help="extra chat prompts (.jsonl with 'prompt'/'instruction', or .txt)")
+    opt("--no-bundled-prompts", action="store_true", help="use only --prompts")
+    opt("--no-mask-prompt", action="store_true", help="also train on prompt tokens of chat samples")
+    opt("--temperature", type=float, help="teacher sampling temperature")
+    opt("--top-p", type=float)
+    opt("--max-new-tokens", type=int, help="teacher response length")
+    opt("--responses-per-prompt", type=int)
+    opt("--gen-batch-size", type=int)
+    opt("--data-cache", help="teacher-response cache directory (default: $UPQ_CACHE/distill-data)")
+    opt("--self-instruct", type=int,
+        help="add N self-generated instruction/answer pairs to the chat data (see `upq self-instruct`)")
+    length = d.add_mutually_exclusive_group(required=True)
+    length.add_argument("--tokens", type=int, help="nominal training tokens (sets the number of steps)")
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    opt("--seq-len", type=int)
+    opt("--heldout-samples", type=int)
+    opt("--batch-size", type=int, help="sequences per process and micro-step")
+    opt("--grad-accum", type=int)
+    opt("--lr-weight", type=float)
+    opt("--lr-scale", type=float)
+    opt("--scale-eps", type=float, help="AdamW eps of the quantizer scales")
+    opt("--warmup-steps", type=int, help="default: --warmup-ratio of the steps")
+    opt("--warmup-ratio", type=float)
+    opt("--min-lr-ratio", type=float)
+    opt("--max-grad-norm", type=float, help="0 disables clipping")
+    opt("--mixed-precision", choices=list(MIXED_PRECISION), help="auto: bf16 on CUDA")
+    opt("--teacher-dtype", choices=list(TEACHER_DTYPES))
+    opt("--gradient-checkpointing", action="store_true")
+    opt("--cpu", action="store_true", help="train on CPU even if a GPU is present")
+    opt("--seed", type=int)
+    opt("--eval-every", type=int, help="held-out KL every N steps (0: never)")
+    opt("--log-every", type=int)
+    opt("--save-every", type=int)
+    opt("--keep-checkpoints", type=int, help="training checkpoints kept in the work directory")
+    d.add_argument("--out", required=True, help="output checkpoint directory (packed INT2 student)")
+    d.add_argument("--work-dir", help="training checkpoints, metrics.jsonl, data cache (default: OUT.work)")
+    d.add_argument("--keep-work-dir", action="store_true", help="keep the training checkpoints after success")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``upq`` argument parser."""
+    from .evaluation.runner import EvalSettings
+    from .ptq.blockwise import BlockwiseConfig
+
     parser = argparse.ArgumentParser(prog="upq", description="Quantize instruction-tuned LLMs to real 2-bit models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -340,27 +444,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", default="cpu", choices=list(BUDGETS), help="recipe budget preset")
     q.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="override a recipe key (repeatable)")
     q.add_argument("--method", default="rtn", choices=["rtn", "blockwise-ptq"], help="single method when no --recipe")
-    q.add_argument("--grid", default="seq", choices=["seq", "asym", "r2q"])
-    q.add_argument("--bits", type=int, default=2)
-    q.add_argument("--group-size", default="channel", help="'channel' (one group per row) or 32/64/128")
+    q.add_argument("--grid", choices=["seq", "asym", "r2q"], help="default: seq")
+    q.add_argument("--bits", type=int, help="default: 2 with --method rtn, 4 with blockwise-ptq")
+    q.add_argument("--group-size", help="'channel' (one group per row, the default) or 32/64/128")
     q.add_argument("--include", action="append", help="regex on module names to quantize (repeatable)")
     q.add_argument("--exclude", action="append", help="regex on module names to keep in full precision (default: lm_head)")
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="RTN load dtype")
     q.add_argument("--out", required=True, help="output checkpoint directory")
     p = q.add_argument_group("block-wise PTQ")
-    p.add_argument("--samples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr-weight", type=float, default=1e-4)
-    p.add_argument("--lr-scale", type=float, default=1e-3)
-    p.add_argument("--train", default="weights,scales", help="what trains: weights, scales or both")
-    p.add_argument("--calib", default="wiki", help="'wiki' (bundled), a .txt/.jsonl file or a HF dataset id")
-    p.add_argument("--chat-fraction", type=float, default=0.0, help="share of calibration rows that are the original model's answers to the bundled training prompts")
-    p.add_argument("--activations", default="memory", choices=["memory", "disk"])
+
+    def ptq_opt(flag: str, dest: str | None = None, **kw) -> None:
+        dest = dest or flag.lstrip("-").replace("-", "_")
+        p.add_argument(flag, dest=dest, default=flag_default(BlockwiseConfig, BLOCKWISE_FIELDS, dest), **kw)
+
+    ptq_opt("--samples", type=int, help="calibration sequences")
+    ptq_opt("--seq-len", type=int)
+    ptq_opt("--epochs", type=int)
+    ptq_opt("--batch-size", type=int)
+    ptq_opt("--lr-weight", type=float)
+    ptq_opt("--lr-scale", type=float)
+    ptq_opt("--train", help="what trains, comma-separated: weights, scales, norms")
+    ptq_opt("--calib", help="'wiki' (bundled), a .txt/.jsonl file or a HF dataset id")
+    ptq_opt("--chat-fraction", type=float,
+            help="share of calibration rows that are the original model's answers to the bundled training prompts")
+    ptq_opt("--activations", choices=["memory", "disk"])
+    ptq_opt("--seed", type=int)
     p.add_argument("--work-dir", help="per-block checkpoints for resume (default: OUT.work)")
     p.add_argument("--keep-work-dir", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_common(q)
     q.set_defaults(func=_quantize)
@@ -372,18 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model: perplexity, KL/agreement to the original, MMLU, IFEval")
     e.add_argument("model", nargs="?", help="upq checkpoint, transformers dir, hub id, or 'bundled'")
     e.add_argument("--reference", help="original model for KL (default: the checkpoint's recorded source model)")
-    e.add_argument("--tasks", default="ppl,kl", help="comma list of ppl,kl,mmlu,ifeval")
-    e.add_argument("--limit", type=int, help="deterministic subset size for mmlu / ifeval")
-    e.add_argument("--shots", type=int, default=5, help="MMLU few-shot examples")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--gen-batch-size", type=int, default=64,
-                   help="rows decoded together when generating (IFEval answers, KL reference answers)")
-    e.add_argument("--ppl-tokens", type=int, default=32768, help="held-out tokens for perplexity")
-    e.add_argument("--ppl-source", default="wiki", help="'wiki' (bundled held-out split), a .txt/.jsonl file or a HF dataset id")
-    e.add_argument("--kl-prompts", type=int, default=32)
-    e.add_argument("--kl-max-new-tokens", type=int, default=128)
-    e.add_argument("--max-new-tokens", type=int, default=1280, help="IFEval generation length")
-    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+    def eval_opt(flag: str, **kw) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        e.add_argument(flag, default=flag_default(EvalSettings, EVAL_FIELDS, dest), **kw)
+
+    eval_opt("--tasks", help="comma list of ppl,kl,mmlu,ifeval")
+    eval_opt("--limit", type=int, help="deterministic subset size for mmlu / ifeval")
+    eval_opt("--shots", type=int, help="MMLU few-shot examples")
+    eval_opt("--batch-size", type=int)
+    eval_opt("--gen-batch-size", type=int, help="rows decoded together when generating (IFEval answers, KL reference answers)")
+    eval_opt("--ppl-tokens", type=int, help="held-out tokens for perplexity")
+    eval_opt("--ppl-source", help="'wiki' (bundled held-out split), a .txt/.jsonl file or a HF dataset id")
+    eval_opt("--kl-prompts", type=int)
+    eval_opt("--kl-max-new-tokens", type=int)
+    eval_opt("--max-new-tokens", type=int, help="IFEval generation length")
+    eval_opt("--dtype", choices=sorted(DTYPES))
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", help="write the full JSON result here")
     e.add_argument("--compare", nargs="+", metavar="RESULT.json", help="print saved results side by side")
@@ -415,68 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_export)
 
     d = sub.add_parser("distill", help="UPQ stage 2: distillation QAT of an INT2 student against the original model")
-    d.add_argument("--student-init", default="progressive", choices=["progressive", "direct"],
-                   help="progressive: from the INT4 checkpoint (--from); direct: from the original weights")
-    d.add_argument("--from", dest="int4_dir", help="stage-1 INT4 checkpoint directory (progressive init)")
-    d.add_argument("--latent-from", dest="latent_from",
-                   help="work directory of the block stage that wrote --from: start from its latent float weights")
-    d.add_argument("--model", help="original model = teacher (default: the INT4 checkpoint's source, else bundled)")
-    d.add_argument("--grid", default="seq", choices=["seq", "asym", "r2q"])
-    d.add_argument("--bits", type=int, default=2)
-    d.add_argument("--group-size", default="channel")
-    d.add_argument("--delta-init", default="max", choices=["max", "int4", "mse", "output"],
-                   help="INT2 scale init (docs/int2.md): max|W| per row/group, the checkpoint's own scale, the "
-                        "weight-MSE-optimal or the output-error-optimal scale on calibration text")
-    d.add_argument("--train", default="weights,scales",
-                   help="what trains, comma-separated: weights, scales, norms (scales alone: scale-only training)")
-    d.add_argument("--include", action="append", help="regex on module names to quantize (direct init)")
-    d.add_argument("--exclude", action="append", help="regex on module names to keep in full precision (direct init)")
-    d.add_argument("--loss", default="gjsd", choices=["gjsd", "forward_kl", "reverse_kl", "cakld", "ntp"])
-    d.add_argument("--beta", type=float, default=0.5, help="gJSD beta (0 = forward KL, 1 = reverse KL)")
-    d.add_argument("--gamma", type=float, help="CAKLD gamma (default: estimated from the teacher's top-1 probability)")
-    d.add_argument("--first-loss", choices=["gjsd", "forward_kl", "reverse_kl", "cakld", "ntp"],
-                   help="loss of the first --first-loss-steps steps (then --loss)")
-    d.add_argument("--first-loss-steps", type=int, default=0)
-    d.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per chunk of the full-vocabulary loss")
-    d.add_argument("--data", default="text", choices=["text", "chat", "mix"])
-    d.add_argument("--mix-ratio", type=float, default=0.5, help="fraction of chat samples with --data mix")
-    d.add_argument("--text-source", default="wiki", help="'wiki' (bundled), a .txt/.jsonl file or a HF dataset id")
-    d.add_argument("--prompts", help="extra chat prompts (.jsonl with 'prompt'/'instruction', or .txt)")
-    d.add_argument("--no-bundled-prompts", action="store_true", help="use only --prompts")
-    d.add_argument("--no-mask-prompt", action="store_true", help="also train on prompt tokens of chat samples")
-    d.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature")
-    d.add_argument("--top-p", type=float, default=0.95)
-    d.add_argument("--max-new-tokens", type=int, default=256, help="teacher response length")
-    d.add_argument("--responses-per-prompt", type=int, default=1)
-    d.add_argument("--gen-batch-size", type=int, default=32)
-    d.add_argument("--data-cache", help="teacher-response cache directory (default: $UPQ_CACHE/distill-data)")
-    d.add_argument("--self-instruct", type=int, default=0,
-                   help="add N self-generated instruction/answer pairs to the chat data (see `upq self-instruct`)")
-    length = d.add_mutually_exclusive_group(required=True)
-    length.add_argument("--tokens", type=int, help="nominal training tokens (sets the number of steps)")
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    d.add_argument("--seq-len", type=int, default=512)
-    d.add_argument("--batch-size", type=int, default=4, help="sequences per process and micro-step")
-    d.add_argument("--grad-accum", type=int, default=1)
-    d.add_argument("--lr-weight", type=float, default=5e-5)
-    d.add_argument("--lr-scale", type=float, default=5e-4)
-    d.add_argument("--scale-eps", type=float, default=1e-12, help="AdamW eps of the quantizer scales")
-    d.add_argument("--warmup-steps", type=int, help="default: --warmup-ratio of the steps")
-    d.add_argument("--warmup-ratio", type=float, default=0.05)
-    d.add_argument("--min-lr-ratio", type=float, default=0.0)
-    d.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    d.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"], help="auto: bf16 on CUDA")
-    d.add_argument("--teacher-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    d.add_argument("--gradient-checkpointing", action="store_true")
-    d.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", required=True, help="output checkpoint directory (packed INT2 student)")
-    d.add_argument("--work-dir", help="training checkpoints, metrics.jsonl, data cache (default: OUT.work)")
-    d.add_argument("--keep-work-dir", action="store_true", help="keep the training checkpoints after success")
-    d.add_argument("--eval-every", type=int, default=0, help="held-out KL every N steps (0: never)")
-    d.add_argument("--heldout-samples", type=int, default=8)
-    d.add_argument("--log-every", type=int, default=10)
-    d.add_argument("--save-every", type=int, default=100)
+    _add_distill_flags(d)
     _add_common(d)
     d.set_defaults(func=_distill)
 

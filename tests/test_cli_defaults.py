@@ -11,7 +11,7 @@ from upq.cli_fields import as_flag, config_from_args, field_default
 from upq.distill.config import DistillConfig
 from upq.evaluation.runner import EvalSettings
 from upq.ptq.blockwise import BlockwiseConfig
-from upq.recipes.schema import RTNStage
+from upq.ptq.rtn import RTNStage
 
 # flags that set no config field: where to read and write, logging, the device, what to load
 NOT_CONFIG = {

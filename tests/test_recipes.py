@@ -122,16 +122,14 @@ def test_recipe_end_to_end_on_tiny_model(name: str, tiny_model_dir: Path, corpus
 
 def _distill_config_given(recipe, model_dir: Path, tmp_path: Path, monkeypatch):
     """Run ``recipe`` up to its distill stage and return the config that stage is given (it is not run)."""
-    import upq.pipeline as pipeline
-
     monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
     seen = {}
 
-    def fake_distill(cfg, work, out):
+    def fake_distill(cfg, out, work):
         seen["cfg"] = cfg
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_run_distill", fake_distill)
+    monkeypatch.setattr("upq.distill.trainer.distill", fake_distill)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, str(model_dir), tmp_path / "out")
     return seen["cfg"]

@@ -32,8 +32,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .grids import GridSpec, parse_group_size
     from .models import BUNDLED_MODEL, load_model
     from .ptq.blockwise import BlockwiseConfig, blockwise_ptq
-    from .ptq.rtn import rtn_quantize
-    from .recipes.schema import RTNStage
+    from .ptq.rtn import RTNStage, rtn_quantize
 
     log = get_logger("quantize")
     if args.recipe:

@@ -21,7 +21,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +39,7 @@ from ..grids import GridSpec
 from ..logs import get_logger, progress_enabled
 from ..models import fix_special_tokens, load_model, local_model_dir
 from ..modules import PackedLinear, pack_model, quantize_model, select_linears
+from ..stages import PREVIOUS, StageContext, StageKind, register_stage
 from ..trainable import check_trainable, trainable_groups
 from ..weights import WeightSource
 from .activations import ActivationStore
@@ -48,6 +49,7 @@ from .layers import block_output, capture_first_block_inputs, decoder_layers
 log = get_logger("ptq")
 OBJECTIVES = ("mse", "relative")
 LATENT_PREFIX = "latent-"  # work-directory files of the latent float weights, one per block
+BLOCKS_DIR = "blocks"  # a recipe stage's block work directory, inside its stage directory
 
 
 @dataclass
@@ -515,3 +517,26 @@ def load_latent_weights(work_dir: str | Path) -> dict[str, torch.Tensor]:
 def packed_layer_count(model: torch.nn.Module) -> int:
     """Number of packed linears in ``model``."""
     return sum(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def run_blockwise_stage(cfg: BlockwiseConfig, context: StageContext) -> dict[str, Any]:
+    """The ``ptq`` / ``int2-blocks`` stage: block-wise PTQ from the float model (or ``init_from``), packed checkpoint out."""
+    from ..checkpoint import save_quantized
+    from ..models import BUNDLED_MODEL
+
+    kind = "int2-blocks" if isinstance(cfg, Int2BlocksConfig) else "ptq"
+    cfg = replace(cfg, init_from=context.previous(cfg.init_from, "checkpoint", kind))
+    model, tokenizer, blocks = blockwise_ptq(context.float_model, cfg, context.stage_dir / BLOCKS_DIR, device=context.device)
+    save_quantized(model, context.out, tokenizer, method="blockwise-ptq", recipe=asdict(cfg),
+                   extra={"source_model": context.model or BUNDLED_MODEL, "blocks": [asdict(b) for b in blocks]})
+    return {"blocks": len(blocks), "mse_before_mean": sum(b.mse_before for b in blocks) / len(blocks),
+            "mse_after_mean": sum(b.mse_after for b in blocks) / len(blocks)}
+
+
+def _starts_from_previous(values: dict[str, Any]) -> None:
+    values.setdefault("init_from", PREVIOUS)
+
+
+register_stage(StageKind("ptq", BlockwiseConfig, run_blockwise_stage, latent_dir=BLOCKS_DIR))
+register_stage(StageKind("int2-blocks", Int2BlocksConfig, run_blockwise_stage, latent_dir=BLOCKS_DIR,
+                         recipe_defaults=_starts_from_previous))

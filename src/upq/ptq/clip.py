@@ -10,7 +10,8 @@ clamped to it once. The asymmetric grid then recomputes its min/max from the cla
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -21,6 +22,23 @@ from ..grids.asym import asym_codes, asym_levels
 from ..grids.base import to_groups
 from ..logs import progress_enabled
 from ..modules import select_linears
+from ..stages import StageContext, StageKind, register_stage
+
+
+@dataclass
+class ClipStage:
+    """BitDistiller's asymmetric clipping search on the float weights, before QAT (the ``clip`` stage)."""
+
+    grid: str = "asym"
+    bits: int = 2
+    group_size: int | None = 128
+    samples: int = 32
+    seq_len: int = 512
+    tokens_per_layer: int = 256
+    calib_source: str = "wiki"
+    skip: list[str] = field(default_factory=lambda: [r"q_proj$", r"k_proj$"])
+    include: list[str] | None = None
+    exclude: list[str] | None = None
 
 DEFAULT_SKIP = (r"q_proj$", r"k_proj$")
 SHRINK_STEPS = 10
@@ -110,3 +128,22 @@ def apply_clip_search(
         changed[name] = float((clamped != groups).float().mean())
         linear.weight.data.copy_(clamped.reshape(linear.weight.shape).to(linear.weight.dtype))
     return changed
+
+
+def run_clip_stage(cfg: ClipStage, context: StageContext) -> dict[str, Any]:
+    """The ``clip`` stage: clip the float weights and save them as a plain transformers model."""
+    from ..atomic import atomic_dir
+    from ..data.text import load_texts, token_blocks
+    from ..models import load_model
+
+    model, tokenizer = load_model(context.float_model)
+    ids = token_blocks(load_texts(cfg.calib_source, "train"), tokenizer, cfg.seq_len, cfg.samples)
+    changed = apply_clip_search(model, ids, GridSpec(cfg.grid, cfg.bits, cfg.group_size), cfg.include, cfg.exclude,
+                                cfg.skip, cfg.tokens_per_layer)
+    with atomic_dir(context.out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"layers": len(changed), "mean_fraction_clamped": sum(changed.values()) / max(len(changed), 1)}
+
+
+register_stage(StageKind("clip", ClipStage, run_clip_stage, produces="float_model"))

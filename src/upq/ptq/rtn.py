@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 from torch import nn
 
 from ..grids import GridSpec
 from ..modules import pack_model, quantize_model
+from ..stages import StageContext, StageKind, register_stage
+
+
+@dataclass
+class RTNStage:
+    """Round to nearest on any grid (the ``rtn`` recipe stage)."""
+
+    grid: str = "seq"
+    bits: int = 2
+    group_size: int | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
 
 
 def rtn_quantize(
@@ -22,3 +35,17 @@ def rtn_quantize(
     if pack:
         pack_model(model)
     return names
+
+
+def run_rtn_stage(cfg: RTNStage, context: StageContext) -> dict[str, Any]:
+    """The ``rtn`` stage: quantize the float model and save the packed checkpoint."""
+    from ..checkpoint import save_quantized
+    from ..models import BUNDLED_MODEL, load_model
+
+    model, tokenizer = load_model(context.float_model)
+    names = rtn_quantize(model, GridSpec(cfg.grid, cfg.bits, cfg.group_size), cfg.include, cfg.exclude)
+    save_quantized(model, context.out, tokenizer, method="rtn", extra={"source_model": context.model or BUNDLED_MODEL})
+    return {"layers": len(names)}
+
+
+register_stage(StageKind("rtn", RTNStage, run_rtn_stage))

@@ -12,17 +12,16 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..grids import parse_group_size
+from ..stages import stage_kinds
 
 RECIPE_DIR = Path(__file__).parent
-PREVIOUS = "@previous"  # distill.int4_dir / int2-blocks.init_from placeholder: the previous stage's checkpoint
-# (distill.latent_from: the previous block stage's work directory)
 TOP_LEVEL = {"name", "description", "stages", "budgets"}
 BUDGETS = ("cpu", "cpu-long", "gpu")
 BUDGET_BASE = {"cpu-long": "cpu"}  # a budget starts from this one's settings, then applies its own
@@ -32,40 +31,9 @@ class RecipeError(ValueError):
     """A recipe file or override is malformed; the message names the offending key."""
 
 
-@dataclass
-class RTNStage:
-    """Round to nearest on any grid."""
-
-    grid: str = "seq"
-    bits: int = 2
-    group_size: int | None = None
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-
-
-@dataclass
-class ClipStage:
-    """BitDistiller's asymmetric clipping search on the float weights (before QAT)."""
-
-    grid: str = "asym"
-    bits: int = 2
-    group_size: int | None = 128
-    samples: int = 32
-    seq_len: int = 512
-    tokens_per_layer: int = 256
-    calib_source: str = "wiki"
-    skip: list[str] = field(default_factory=lambda: [r"q_proj$", r"k_proj$"])
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-
-
 def stage_classes() -> dict[str, type]:
-    """Stage kind -> config dataclass (imported lazily to keep this module light)."""
-    from ..distill.config import DistillConfig
-    from ..ptq.blockwise import BlockwiseConfig, Int2BlocksConfig
-
-    return {"rtn": RTNStage, "clip": ClipStage, "ptq": BlockwiseConfig, "int2-blocks": Int2BlocksConfig,
-            "distill": DistillConfig}
+    """Stage kind -> config dataclass, from the stage registry (:mod:`upq.stages`)."""
+    return {name: kind.config for name, kind in stage_kinds().items()}
 
 
 def _type_name(tp: Any) -> str:
@@ -261,10 +229,9 @@ def load_recipe(name_or_path: str, budget: str = "cpu",
         body = _merge({k: v for k, v in item.items() if k != "stage"}, patches.get(kind, {}))
         cls = classes[kind]
         values = validate_fields(cls, body, f"{where}({kind})")
-        if kind == "distill" and values.get("student_init", "progressive") == "progressive":
-            values.setdefault("int4_dir", PREVIOUS)
-        if kind == "int2-blocks":
-            values.setdefault("init_from", PREVIOUS)
+        recipe_defaults = stage_kinds()[kind].recipe_defaults
+        if recipe_defaults is not None:
+            recipe_defaults(values)
         try:
             stages.append(Stage(kind, cls(**values)))
         except (ValueError, TypeError) as exc:

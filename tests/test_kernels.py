@@ -105,7 +105,8 @@ def test_native_matches_reference(ext, grid: str, bits: int, dtype: torch.dtype)
 @pytest.mark.parametrize("grid,bits", FORMATS)
 def test_native_weights_are_bit_identical(ext, grid: str, bits: int) -> None:
     """The kernel's unpacker yields exactly the reference dequantizer's float32 weights."""
-    from upq.kernels.ops import GRID_IDS, ISA_IDS
+    from upq.grids import GRIDS
+    from upq.kernels.ops import ISA_IDS
 
     for out_f, in_f, g in cases():
         spec = GridSpec(grid, bits, g)
@@ -113,7 +114,7 @@ def test_native_weights_are_bit_identical(ext, grid: str, bits: int) -> None:
         for isa in isas(ext):
             if native_unsupported_reason(spec, in_f, isa=isa) is not None:
                 continue
-            w = ext.dequantize(layer.qweight, layer.scale, layer.zero, in_f, GRID_IDS[grid], bits,
+            w = ext.dequantize(layer.qweight, layer.scale, layer.zero, in_f, GRIDS[grid].kernel_id, bits,
                                spec.group_len(in_f), ISA_IDS[isa])
             assert torch.equal(w, exact_weight(layer)), f"{spec.describe()} {out_f}x{in_f} {isa}"
 

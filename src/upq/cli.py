@@ -15,6 +15,7 @@ import torch
 
 from .atomic import write_json_atomic
 from .cli_fields import FieldMap, config_from_args, flag_default
+from .grids import GRIDS
 from .logs import get_logger, setup_logging
 from .kernels.ops import BACKENDS
 from .recipes.schema import BUDGETS
@@ -369,7 +370,7 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     opt("--latent-from", help="work directory of the block stage that wrote --from: start from its latent float weights")
     opt("--model", help="original model (direct init; default: the INT4 checkpoint's source, else bundled)")
     opt("--teacher", help="the frozen teacher (default: --model, or the INT4 checkpoint's recorded source)")
-    opt("--grid", choices=["seq", "asym", "r2q"])
+    opt("--grid", choices=sorted(GRIDS))
     opt("--bits", type=int)
     opt("--group-size", help="'channel' (one group per row) or 32/64/128")
     opt("--delta-init", choices=list(SCALE_INITS),
@@ -443,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", default="cpu", choices=list(BUDGETS), help="recipe budget preset")
     q.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="override a recipe key (repeatable)")
     q.add_argument("--method", default="rtn", choices=["rtn", "blockwise-ptq"], help="single method when no --recipe")
-    q.add_argument("--grid", choices=["seq", "asym", "r2q"], help="default: seq")
+    q.add_argument("--grid", choices=sorted(GRIDS), help="default: seq")
     q.add_argument("--bits", type=int, help="default: 2 with --method rtn, 4 with blockwise-ptq")
     q.add_argument("--group-size", help="'channel' (one group per row, the default) or 32/64/128")
     q.add_argument("--include", action="append", help="regex on module names to quantize (repeatable)")

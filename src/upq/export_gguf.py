@@ -111,8 +111,8 @@ def choose_type(spec: GridSpec, in_features: int) -> tuple[QT, str]:
     Returns ``(F16, reason)`` when no supported block type holds it exactly.
     """
     group = spec.group_len(in_features)
-    if spec.grid == "r2q":
-        return QT.F16, "r2q levels +-a1+-a2 are not an affine grid; stored dequantized as F16"
+    if not spec.impl.is_affine:
+        return QT.F16, f"{spec.grid} levels are not an affine grid; stored dequantized as F16"
     if spec.bits == 2 and group % QK_K == 0:
         return QT.Q2_K, ""
     if spec.bits <= 4 and group % QK4_1 == 0:
@@ -122,20 +122,12 @@ def choose_type(spec: GridSpec, in_features: int) -> tuple[QT, str]:
     return QT.F16, f"group of {group} weights is not a multiple of {QK4_1} (Q4_1 block); stored as F16"
 
 
-def _seq_step(q: QuantizedWeight) -> torch.Tensor:
-    """SEQ level spacing per group: level(k) = step * (k - (2^b - 1)/2), step = Delta / 2^(b-1)."""
-    return q.scale.float().abs() / (1 << (q.spec.bits - 1))
-
-
 def _affine_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, offset) with weight = scale * code + offset, in float32."""
-    if q.spec.grid == "seq":
-        step = _seq_step(q)
-        return step, -step * ((q.spec.levels - 1) / 2)
-    if q.spec.grid == "asym":
-        scale = q.scale.float()
-        return scale, -q.zero.float() * scale
-    raise GGUFExportError(f"grid {q.spec.grid!r} is not an affine grid")
+    """Per-group (scale, offset) with weight = scale * code + offset, in float32 (the grid's own affine form)."""
+    form = q.spec.impl.affine(q)
+    if form is None:
+        raise GGUFExportError(f"grid {q.spec.grid!r} is not an affine grid")
+    return form
 
 
 def _per_block(values: torch.Tensor, group: int, block: int) -> np.ndarray:
@@ -196,12 +188,21 @@ def encode_q4_1(q: QuantizedWeight) -> np.ndarray:
 
 
 def _q2_k_params(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group (d, dmin, sc, m) with d*sc*code - dmin*m equal to the grid's level."""
-    if q.spec.grid == "seq":  # step*(k - 1.5) = (step/2) * 2 * k - (step/2) * 3
-        half = _seq_step(q) / 2
-        return half, half, torch.full_like(half, 2), torch.full_like(half, 3)
-    scale = q.scale.float()  # asym: s*(k - z) = s * 1 * k - s * z
-    return scale, scale, torch.ones_like(scale), q.zero.float()
+    """Per-group (d, dmin, sc, m) with d*sc*code - dmin*m equal to the grid's level.
+
+    From the affine form ``scale*code + offset``: where ``-offset/scale`` is an integer (asym's zero
+    point), ``d = dmin = scale``, ``sc = 1``; where it is a half-integer (SEQ's ``(2^b - 1)/2``),
+    ``d = dmin = scale/2``, ``sc = 2``; ``m`` is the integer that remains.
+    """
+    scale, offset = _affine_params(q)
+    ratio = -offset / scale
+    half_steps = torch.round(2 * ratio)
+    if not torch.allclose(half_steps, 2 * ratio, atol=1e-3) or (half_steps < 0).any():
+        raise GGUFExportError(f"grid {q.spec.grid!r}: offset/scale is not a non-negative (half-)integer; no Q2_K form")
+    if bool((half_steps % 2 == 0).all()):
+        return scale, scale, torch.ones_like(scale), half_steps / 2
+    half = scale / 2
+    return half, half, torch.full_like(half, 2), half_steps
 
 
 def encode_q2_k(q: QuantizedWeight) -> np.ndarray:

@@ -86,12 +86,11 @@ class PackedLinear(nn.Module):
         self.out_features = out_features
         self.spec = spec
         groups = in_features // spec.group_len(in_features)
-        scale_shape = (out_features, groups, 2) if spec.grid == "r2q" else (out_features, groups)
         self.register_buffer(
             "qweight", torch.zeros(out_features, packed_row_bytes(in_features, spec.bits), dtype=torch.uint8, device=device)
         )
-        self.register_buffer("scale", torch.zeros(scale_shape, dtype=scale_dtype, device=device))
-        if spec.grid == "asym":
+        self.register_buffer("scale", torch.zeros(spec.impl.scale_shape(out_features, groups), dtype=scale_dtype, device=device))
+        if spec.impl.has_zero:
             self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         else:
             self.zero = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import GridSpec, QuantizedWeight, to_groups
+from .base import Grid, GridSpec, QuantizedWeight, register_grid, to_groups
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -19,14 +19,18 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def minmax_params(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (..., 1) and float zero point (..., 1) from each group's min and max."""
+def range_params(wmax: torch.Tensor, wmin: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and float zero point that map the range [wmin <= 0, wmax >= 0] onto the codes 0..2**bits - 1."""
     qmax = (1 << bits) - 1
-    wmax = groups.amax(dim=-1, keepdim=True).clamp_min(0)
-    wmin = groups.amin(dim=-1, keepdim=True).clamp_max(0)
     scale = ((wmax - wmin) / qmax).clamp_min(1e-8)
     zero = torch.clamp(round_ste(-wmin / scale), 0, qmax)
     return scale, zero
+
+
+def minmax_params(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (..., 1) and float zero point (..., 1) from each group's min and max."""
+    return range_params(groups.amax(dim=-1, keepdim=True).clamp_min(0), groups.amin(dim=-1, keepdim=True).clamp_max(0),
+                        bits)
 
 
 def asym_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -90,3 +94,23 @@ def asym_decode(q: QuantizedWeight) -> torch.Tensor:
     group_len = q.spec.group_len(q.codes.shape[1])
     codes = to_groups(q.codes, group_len)
     return asym_levels(codes, q.scale.float().unsqueeze(-1), q.zero.unsqueeze(-1)).reshape(q.codes.shape)
+
+
+@register_grid
+class AsymGrid(Grid):
+    """The asymmetric grid: ``(k - z) * s``, scale and zero point per group."""
+
+    name = "asym"
+    bits = (2, 3, 4, 8)
+    has_zero = True
+    kernel_id = 1
+
+    def quantizer(self, spec: GridSpec, weight: torch.Tensor, **options: bool) -> nn.Module:
+        return AsymQuantizer(spec, weight, learn_scale=options.get("learn_scale", False))
+
+    def decode(self, q: QuantizedWeight) -> torch.Tensor:
+        return asym_decode(q)
+
+    def affine(self, q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = q.scale.float()
+        return scale, -q.zero.float() * scale

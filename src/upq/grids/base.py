@@ -1,12 +1,65 @@
-"""Shared pieces of every grid: the grid spec, group reshaping and the quantized-weight record."""
+"""Shared pieces of every grid: the grid registry, the grid spec, group reshaping and the quantized-weight record.
+
+A grid is one :class:`Grid` subclass in its own file (``seq.py``, ``asym.py``,
+``residual_binary.py``), registered with :func:`register_grid`: its levels and codes, its
+trainable fake-quant holder, its buffer layout, the affine form the GGUF export needs and its
+kernel id. Nothing outside the grid's file and the kernels knows a grid by name.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-SUPPORTED_BITS = {"seq": (2, 3, 4), "asym": (2, 3, 4, 8), "r2q": (2,)}
+
+class Grid:
+    """One quantization grid. Subclasses set the class attributes and implement ``quantizer`` and ``decode``.
+
+    ``bits``: the code widths it supports. ``has_zero``: stores a uint8 zero point per group.
+    ``scale_columns``: float parameters per group (1, or 2 for R2Q's two magnitudes).
+    ``kernel_id``: its id in the packed native/Triton kernels (``None``: the reference path only).
+    """
+
+    name: str = ""
+    bits: tuple[int, ...] = ()
+    has_zero: bool = False
+    scale_columns: int = 1
+    kernel_id: int | None = None
+
+    def quantizer(self, spec: "GridSpec", weight: torch.Tensor, **options: Any) -> nn.Module:
+        """The trainable parameter holder (``fake_quant``, ``encode``) initialised from ``weight`` (out, in)."""
+        raise NotImplementedError
+
+    def decode(self, q: "QuantizedWeight") -> torch.Tensor:
+        """Dequantize ``q`` to a float32 (out, in) tensor."""
+        raise NotImplementedError
+
+    def affine(self, q: "QuantizedWeight") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-group float32 (scale, offset) with ``weight = scale * code + offset``; ``None`` if the grid is not affine."""
+        return None
+
+    @property
+    def is_affine(self) -> bool:
+        """Whether the grid defines :meth:`affine` (export as GGML affine blocks)."""
+        return type(self).affine is not Grid.affine
+
+    def scale_shape(self, out_features: int, groups: int) -> tuple[int, ...]:
+        """Shape of the stored scale buffer."""
+        return (out_features, groups) if self.scale_columns == 1 else (out_features, groups, self.scale_columns)
+
+
+GRIDS: dict[str, Grid] = {}
+
+
+def register_grid(grid: type[Grid]) -> type[Grid]:
+    """Class decorator: add a grid to the registry under its ``name`` (re-registering replaces it)."""
+    if not grid.name or not grid.bits:
+        raise ValueError(f"{grid.__name__} needs a name and its supported bits")
+    GRIDS[grid.name] = grid()
+    return grid
 
 
 @dataclass(frozen=True)
@@ -18,14 +71,17 @@ class GridSpec:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.grid not in SUPPORTED_BITS:
-            raise ValueError(f"unknown grid {self.grid!r}; choose one of {sorted(SUPPORTED_BITS)}")
-        if self.bits not in SUPPORTED_BITS[self.grid]:
-            raise ValueError(
-                f"grid {self.grid!r} supports bits {SUPPORTED_BITS[self.grid]}, got {self.bits}"
-            )
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; choose one of {sorted(GRIDS)}")
+        if self.bits not in GRIDS[self.grid].bits:
+            raise ValueError(f"grid {self.grid!r} supports bits {GRIDS[self.grid].bits}, got {self.bits}")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"group size must be positive or None (per-channel), got {self.group_size}")
+
+    @property
+    def impl(self) -> Grid:
+        """The registered :class:`Grid` of this spec."""
+        return GRIDS[self.grid]
 
     @property
     def levels(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import GridSpec, QuantizedWeight, to_groups
+from .base import Grid, GridSpec, QuantizedWeight, register_grid, to_groups
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -68,3 +68,19 @@ def residual_decode(q: QuantizedWeight) -> torch.Tensor:
     codes = to_groups(q.codes, group_len)
     scale = q.scale.float()
     return residual_levels(codes, scale[..., :1], scale[..., 1:]).reshape(q.codes.shape)
+
+
+@register_grid
+class ResidualBinaryGrid(Grid):
+    """R2Q's residual-binary grid: levels +-a1 +- a2, two magnitudes per group (not affine)."""
+
+    name = "r2q"
+    bits = (2,)
+    scale_columns = 2
+    kernel_id = 2
+
+    def quantizer(self, spec: GridSpec, weight: torch.Tensor, **options: bool) -> nn.Module:
+        return ResidualBinaryQuantizer(spec, weight)
+
+    def decode(self, q: QuantizedWeight) -> torch.Tensor:
+        return residual_decode(q)

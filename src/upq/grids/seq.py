@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .base import GridSpec, QuantizedWeight, to_groups
+from .base import Grid, GridSpec, QuantizedWeight, register_grid, to_groups
 
 EPS = 0.01
 
@@ -169,3 +169,22 @@ def seq_decode(q: QuantizedWeight) -> torch.Tensor:
     group_len = q.spec.group_len(q.codes.shape[1])
     codes = to_groups(q.codes, group_len)
     return seq_levels(codes, q.scale.float().unsqueeze(-1), q.spec.bits).reshape(q.codes.shape)
+
+
+@register_grid
+class SEQGrid(Grid):
+    """SEQ: symmetric, no zero level; code k is ``step * (k - (2^b - 1) / 2)`` with ``step = Delta / 2^(b-1)``."""
+
+    name = "seq"
+    bits = (2, 3, 4)
+    kernel_id = 0
+
+    def quantizer(self, spec: GridSpec, weight: torch.Tensor, **options: bool) -> nn.Module:
+        return SEQQuantizer(spec, weight)
+
+    def decode(self, q: QuantizedWeight) -> torch.Tensor:
+        return seq_decode(q)
+
+    def affine(self, q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        step = q.scale.float().abs() / _half_levels(q.spec.bits)
+        return step, -step * ((q.spec.levels - 1) / 2)

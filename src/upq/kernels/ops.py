@@ -19,7 +19,6 @@ from ..packing import storage_bits, unpack_codes
 from . import native as _native
 from .native import load_native, native_error
 
-GRID_IDS = {"seq": 0, "asym": 1, "r2q": 2}
 ISA_IDS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
 BACKENDS = ("auto", "native", "triton", "reference")
 AUTO_KERNELS = {"cpu": "native", "cuda": "triton"}  # what ``auto`` tries, by the input's device type
@@ -62,7 +61,7 @@ def native_unsupported_reason(
     spec: GridSpec, in_features: int, x: torch.Tensor | None = None, isa: str = "auto"
 ) -> str | None:
     """Why the native kernel cannot run this layer (and input), or ``None`` when it can."""
-    if spec.grid not in GRID_IDS:
+    if spec.impl.kernel_id is None:
         return f"grid {spec.grid!r} has no native kernel"
     if storage_bits(spec.bits) not in (2, 4):
         return f"{spec.bits}-bit codes are stored in {storage_bits(spec.bits)}-bit containers; the kernel handles 2- and 4-bit storage"
@@ -96,7 +95,7 @@ def native_plan(spec: GridSpec, in_features: int, isa: str = "auto") -> NativePl
     reason = native_unsupported_reason(spec, in_features, isa=isa)
     if reason is not None:
         raise NativeUnsupported(reason)
-    return NativePlan(GRID_IDS[spec.grid], spec.bits, spec.group_len(in_features), in_features)
+    return NativePlan(spec.impl.kernel_id, spec.bits, spec.group_len(in_features), in_features)
 
 
 def run_plan(
@@ -145,7 +144,7 @@ def native_linear(
     x2 = x.reshape(-1, in_features)
     try:
         out = mod.packed_linear(
-            x2, qweight, scale, zero, bias, GRID_IDS[spec.grid], spec.bits,
+            x2, qweight, scale, zero, bias, spec.impl.kernel_id, spec.bits,
             spec.group_len(in_features), ISA_IDS[isa], gemv_max_batch,
         )
     except KeyError as exc:

@@ -25,7 +25,6 @@ import triton.language as tl
 from ..grids import GridSpec
 from ..packing import storage_bits
 
-GRID_IDS = {"seq": 0, "asym": 1, "r2q": 2}
 GEMV_MAX_M = 4
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -90,7 +89,7 @@ INTERPRETED: bool = not isinstance(_packed_linear_kernel, triton.runtime.JITFunc
 
 def unsupported_reason(spec: GridSpec, in_features: int, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why this kernel cannot run a layer/input (``None``: it can); Triton is already imported here."""
-    if spec.grid not in GRID_IDS:
+    if spec.impl.kernel_id is None:
         return f"grid {spec.grid!r} has no Triton kernel"
     if storage_bits(spec.bits) not in (2, 4):
         return f"{spec.bits}-bit codes are stored in {storage_bits(spec.bits)}-bit containers; the Triton kernel handles 2- and 4-bit storage"
@@ -166,7 +165,7 @@ def triton_linear(
         m, out_features, in_features, group_len,
         x2.stride(0), x2.stride(1), qweight.stride(0), scale.stride(0), scale.stride(1),
         0 if zero is None else zero.stride(0), out.stride(0),
-        GRID=GRID_IDS[spec.grid], BITS=spec.bits, WIDTH=storage_bits(spec.bits), HAS_BIAS=bias is not None,
+        GRID=spec.impl.kernel_id, BITS=spec.bits, WIDTH=storage_bits(spec.bits), HAS_BIAS=bias is not None,
         SCALE_PER_BLOCK=blocks.scale_per_block, USE_DOT=blocks.m >= 16,
         # the interpreter keeps bfloat16 as raw uint16 and its tl.dot multiplies those integers
         DOT_F32=blocks.m >= 16 and INTERPRETED and x.dtype == torch.bfloat16,

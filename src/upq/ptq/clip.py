@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..grids import GridSpec
-from ..grids.asym import asym_codes, asym_levels
+from ..grids.asym import asym_codes, asym_levels, range_params
 from ..grids.base import to_groups
 from ..logs import progress_enabled
 from ..modules import select_linears
@@ -69,9 +69,7 @@ def collect_linear_inputs(
 
 
 def _quantize_with_range(groups: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor, bits: int) -> torch.Tensor:
-    qmax = (1 << bits) - 1
-    scale = ((wmax - wmin) / qmax).clamp_min(1e-8)
-    zero = torch.clamp(torch.round(-wmin / scale), 0, qmax)
+    scale, zero = range_params(wmax, wmin, bits)
     clipped = torch.maximum(torch.minimum(groups, wmax), wmin)
     return asym_levels(asym_codes(clipped, scale, zero, bits), scale, zero)
 

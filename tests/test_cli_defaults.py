@@ -16,7 +16,7 @@ from upq.ptq.rtn import RTNStage
 # flags that set no config field: where to read and write, logging, the device, what to load
 NOT_CONFIG = {
     "distill": {"out", "work_dir", "keep_work_dir", "quiet", "log_file", "help"},
-    "quantize": {"model", "recipe", "budget", "set", "method", "dtype", "out", "work_dir", "keep_work_dir", "device",
+    "quantize": {"model", "recipe", "budget", "set", "add_stage", "method", "dtype", "out", "work_dir", "keep_work_dir", "device",
                  "quiet", "log_file", "help", *cli.GRID_FIELDS},
     "eval": {"model", "reference", "device", "out", "compare", "quiet", "log_file", "help"},
 }

@@ -32,17 +32,21 @@ def quantize(
     work_dir: str | Path | None = None,
     device: str = "cpu",
     keep_work: bool = False,
+    add_stages: Sequence[str] = (),
 ) -> Path:
     """Run ``recipe`` (a built-in name or a YAML path) on ``model`` and return the packed checkpoint directory.
 
     ``model``: a Hugging Face id or local directory (``None``: the bundled SmolLM2-135M-Instruct).
     ``overrides``: ``{"distill.beta": 0.3}`` or ``["distill.beta=0.3"]``, as ``--set`` takes them.
-    A run that was interrupted resumes from ``work_dir`` (default ``OUT.work``) when called again.
+    ``add_stages``: stage kinds appended to the recipe (e.g. ``["lm-head"]``: pack the output head
+    too), set with ``overrides`` like the others. A run that was interrupted resumes from
+    ``work_dir`` (default ``OUT.work``) when called again.
     """
     from .pipeline import run_recipe
     from .recipes.schema import load_recipe
 
-    return run_recipe(load_recipe(recipe, budget, overrides), model, out, work_dir, device=device, keep_work=keep_work)
+    return run_recipe(load_recipe(recipe, budget, overrides, add_stages), model, out, work_dir, device=device,
+                      keep_work=keep_work)
 
 
 def evaluate(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def _state_dict_for_save(
     if getattr(model.config, "tie_word_embeddings", False):
         out_emb = model.get_output_embeddings()
         in_emb = model.get_input_embeddings()
-        if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight:
+        if out_emb is not None and in_emb is not None and getattr(out_emb, "weight", None) is in_emb.weight:
             for name, module in model.named_modules():
                 if module is out_emb:
                     state.pop(f"{name}.weight", None)
@@ -86,8 +87,10 @@ def save_quantized(
     layers = _layer_specs(model)
     if not layers:
         raise ValueError("the model has no packed layers; nothing quantized to save")
-    specs = {json.dumps(v, sort_keys=True) for v in layers.values()}
-    summary = json.loads(next(iter(specs))) if len(specs) == 1 else {"grid": "mixed", "bits": None, "group_size": None}
+    # the top-level grid / bits / group size are those of most layers (an INT4 lm_head beside INT2
+    # decoder layers still reads "2-bit"); ``modules`` holds every layer's own
+    counts = Counter(json.dumps(v, sort_keys=True) for v in layers.values())
+    summary = json.loads(counts.most_common(1)[0][0])
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(_state_dict_for_save(model, set(layers), dense_dtype), tmp / WEIGHTS_NAME, metadata={"format": "pt", "producer": f"upq {__version__}"})

@@ -71,7 +71,8 @@ def _run_recipe(args: argparse.Namespace) -> int:
     from .api import quantize
 
     start = time.perf_counter()
-    out = quantize(args.model, args.recipe, args.budget, args.out, args.set, args.work_dir, args.device, args.keep_work_dir)
+    out = quantize(args.model, args.recipe, args.budget, args.out, args.set, args.work_dir, args.device, args.keep_work_dir,
+                   args.add_stage or ())
     print(json.dumps({"out": str(out), "recipe": args.recipe, "budget": args.budget,
                       "seconds": round(time.perf_counter() - start, 1)}))
     return 0
@@ -443,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", help="a shipped recipe name (see `upq recipes`) or a recipe YAML file")
     q.add_argument("--budget", default="cpu", choices=list(BUDGETS), help="recipe budget preset")
     q.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="override a recipe key (repeatable)")
+    q.add_argument("--add-stage", action="append", metavar="KIND",
+                   help="append a stage to the recipe, e.g. lm-head (pack the output head on 4 bits); repeatable")
     q.add_argument("--method", default="rtn", choices=["rtn", "blockwise-ptq"], help="single method when no --recipe")
     q.add_argument("--grid", choices=sorted(GRIDS), help="default: seq")
     q.add_argument("--bits", type=int, help="default: 2 with --method rtn, 4 with blockwise-ptq")

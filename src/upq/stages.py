@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 PREVIOUS = "@previous"  # a field that takes the previous stage's checkpoint (or block work directory)
-BUILTIN_STAGE_MODULES = ("upq.ptq.rtn", "upq.ptq.clip", "upq.ptq.blockwise", "upq.distill.stage")
+BUILTIN_STAGE_MODULES = ("upq.ptq.rtn", "upq.ptq.clip", "upq.ptq.blockwise", "upq.ptq.head", "upq.distill.stage")
 PRODUCTS = ("checkpoint", "float_model")
 
 

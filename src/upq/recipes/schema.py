@@ -194,9 +194,12 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_recipe(name_or_path: str, budget: str = "cpu",
-                overrides: Mapping[str, Any] | Sequence[str] | None = None) -> Recipe:
-    """Read, apply the ``budget`` preset and ``overrides``, validate and build the stage configs."""
+                overrides: Mapping[str, Any] | Sequence[str] | None = None, add_stages: Sequence[str] = ()) -> Recipe:
+    """Read, append ``add_stages`` (stage kinds, with their defaults), apply the ``budget`` preset and
+    ``overrides``, validate and build the stage configs."""
     raw = read_recipe_file(name_or_path)
+    if add_stages:
+        raw = {**raw, "stages": [*(raw.get("stages") or []), *({"stage": kind} for kind in add_stages)]}
     unknown = set(raw) - TOP_LEVEL
     if unknown:
         raise RecipeError(f"{sorted(unknown)[0]}: unknown top-level key; valid keys: {', '.join(sorted(TOP_LEVEL))}")

@@ -36,30 +36,34 @@ VARIANTS = {
     "upq-int2-native-fused": ("int2", "float32", "native-fused", "dynamic", "upq"),
     "upq-int4-native-fused": ("int4", "float32", "native-fused", "dynamic", "upq"),
     "upq-int2-native-static-cache": ("int2", "float32", "native", "static", "upq"),
+    "upq-int2-head4-native-fused": ("int2-head4", "float32", "native-fused", "dynamic", "upq"),
     "upq-int2-native-hf-generate": ("int2", "float32", "native", "dynamic", "hf"),
     "upq-int2-native-bf16": ("int2", "bfloat16", "native", "dynamic", "upq"),
     "upq-int4-native-bf16": ("int4", "bfloat16", "native", "dynamic", "upq"),
     "floor-fp32-free-linears": ("floor", "float32", None, "dynamic", "upq"),
     "floor-bf16-free-linears": ("floor", "bfloat16", None, "dynamic", "upq"),
 }
-CHECKPOINTS = {"int4": ("seq", 4, "channel"), "int2": ("seq", 2, "channel")}
+# kind: (cache directory name, `upq quantize` arguments); int2-head4 also packs lm_head (asym INT4 g64)
+CHECKPOINTS = {
+    "int4": ("smollm2-rtn-seq-w4-channel", ["--method", "rtn", "--grid", "seq", "--bits", "4", "--group-size", "channel"]),
+    "int2": ("smollm2-rtn-seq-w2-channel", ["--method", "rtn", "--grid", "seq", "--bits", "2", "--group-size", "channel"]),
+    "int2-head4": ("smollm2-rtn-seq-w2-channel-head-asym4-g64", ["--recipe", "rtn-int2", "--add-stage", "lm-head"]),
+}
 
 
 def checkpoint_dir(kind: str) -> Path:
     from upq.assets import cache_dir
 
-    grid, bits, group = CHECKPOINTS[kind]
-    return cache_dir() / "bench" / f"smollm2-rtn-{grid}-w{bits}-{group}"
+    return cache_dir() / "bench" / CHECKPOINTS[kind][0]
 
 
 def ensure_checkpoints() -> None:
     """Make the RTN checkpoints once (cached under $UPQ_CACHE/bench)."""
-    for kind, (grid, bits, group) in CHECKPOINTS.items():
+    for kind, (_, arguments) in CHECKPOINTS.items():
         out = checkpoint_dir(kind)
         if (out / "config.json").is_file():
             continue
-        subprocess.run([sys.executable, "-m", "upq.cli", "quantize", "--method", "rtn", "--grid", grid, "--bits", str(bits),
-                        "--group-size", group, "--out", str(out), "--quiet"], check=True)
+        subprocess.run([sys.executable, "-m", "upq.cli", "quantize", *arguments, "--out", str(out), "--quiet"], check=True)
 
 
 def current_rss_mib() -> float:

@@ -11,7 +11,8 @@ import torch
 from distill_helpers import one_thread, tiny_config, write_corpus, write_int4  # noqa: F401 (fixture)
 from upq.checkpoint import load, read_quantization_config
 from upq.distill.state import ResumeError, latest_checkpoint
-from upq.distill.trainer import NonFiniteLossError, distill, lr_factor, read_metrics
+from upq.distill.trainer import NonFiniteLossError, distill, read_metrics
+from upq.trainable import lr_factor
 from upq.modules import PackedLinear
 
 

@@ -7,6 +7,8 @@ Distill-QAT so that both name and group their parameters the same way.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -46,3 +48,11 @@ def trainable_groups(model: nn.Module, train: tuple[str, ...] = ("weights", "sca
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> tensor of the parameters that train (what a training checkpoint stores)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lr_factor(step: int, total: int, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

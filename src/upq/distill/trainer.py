@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -34,9 +34,9 @@ from ..models import BUNDLED_MODEL, load_model
 from ..modules import pack_model
 from .config import DistillConfig
 from .data import Batch, SampleStream, build_stream, collate, heldout_samples
-from .losses import chunked_loss
+from .losses import chunked_loss, estimate_cakld_gamma
 from .state import ResumeError, TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..trainable import trainable_groups, trainable_state
+from ..trainable import lr_factor, trainable_groups, trainable_state
 from .student import Student, build_student
 
 log = get_logger("distill")
@@ -74,14 +74,6 @@ class Backbone(nn.Module):
         logits = self.lm.get_output_embeddings()(hidden)
         cap = getattr(self.lm.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _memory_mib(device: torch.device) -> float:
@@ -210,17 +202,14 @@ class _Run:
     @torch.no_grad()
     def estimate_gamma(self) -> float:
         """CAKLD's gamma: the teacher's mean top-1 probability on the first training batches."""
-        total, count = 0.0, 0
-        for g in range(self.cfg.gamma_batches):
-            batch = collate(self.stream.take(g * self.cfg.batch_size, self.cfg.batch_size), self.pad_id).to(self.device)
-            hidden = self._teacher_hidden(batch)[batch.loss_mask]
-            for start in range(0, hidden.shape[0], self.cfg.chunk_tokens):
-                probs = torch.softmax(self.teacher.head(hidden[start : start + self.cfg.chunk_tokens]).float(), dim=-1)
-                total += float(probs.amax(dim=-1).double().sum())
-            count += hidden.shape[0]
-        if count == 0:
-            raise ValueError("cannot estimate CAKLD gamma: the first batches have no loss tokens")
-        return total / count
+        def teacher_logits() -> Iterator[torch.Tensor]:
+            for g in range(self.cfg.gamma_batches):
+                batch = collate(self.stream.take(g * self.cfg.batch_size, self.cfg.batch_size), self.pad_id).to(self.device)
+                hidden = self._teacher_hidden(batch)[batch.loss_mask]
+                for start in range(0, hidden.shape[0], self.cfg.chunk_tokens):
+                    yield self.teacher.head(hidden[start : start + self.cfg.chunk_tokens])
+
+        return estimate_cakld_gamma(teacher_logits())
 
     @torch.no_grad()
     def heldout_kl(self) -> float | None:

@@ -40,7 +40,7 @@ from ..logs import get_logger, progress_enabled
 from ..models import fix_special_tokens, load_model, local_model_dir
 from ..modules import PackedLinear, pack_model, quantize_model, select_linears
 from ..stages import PREVIOUS, StageContext, StageKind, register_stage
-from ..trainable import check_trainable, trainable_groups
+from ..trainable import check_trainable, lr_factor, trainable_groups
 from ..weights import WeightSource
 from .activations import ActivationStore
 from .handoff import check_scale_init, init_scale, input_grams
@@ -343,7 +343,7 @@ def _train_block(block: torch.nn.Module, inputs: ActivationStore, targets: Activ
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(inputs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total))
     generator = torch.Generator().manual_seed(cfg.seed * 100003 + index)
     bar = tqdm(total=total, desc=f"block {index}", leave=False, disable=not progress_enabled())
     for _ in range(cfg.epochs):

@@ -7,7 +7,6 @@ settings, so the two stages share one generation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..atomic import write_json_atomic
+from ..digest import json_digest
 from ..logs import get_logger, progress_enabled
 
 log = get_logger("data.teacher_answers")
@@ -48,8 +48,7 @@ class ChatSettings:
 
 
 def _cache_key(fingerprint: str, rendered: list[list[int]], settings: ChatSettings) -> str:
-    payload = json.dumps({"teacher": fingerprint, "prompts": rendered, "settings": asdict(settings)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return json_digest({"teacher": fingerprint, "prompts": rendered, "settings": asdict(settings)})
 
 
 def teacher_responses(teacher: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], settings: ChatSettings,

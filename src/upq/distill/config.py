@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..digest import json_digest
 from ..grids import GridSpec
 from .data import DataConfig
 from .losses import LOSSES
@@ -175,4 +174,4 @@ class DistillConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAJECTORY}
         payload["total_steps"] = self.total_steps(processes)
         payload["processes"] = processes
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+        return json_digest(payload)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from ..atomic import write_json_atomic
+from ..digest import json_digest
 from ..data.prompts import load_prompts
 from ..data.teacher_answers import ChatSettings
 from ..logs import get_logger, progress_enabled
@@ -270,7 +271,7 @@ def _cache_key(teacher: torch.nn.Module, tokenizer: Any, prefix: list[int], sett
         "answer": {k: getattr(answer, k) for k in ("temperature", "top_p", "max_new_tokens", "batch_size", "seed")},
         "blocklist": hashlib.sha256("\n".join(sorted(normalize_text(p) for p in blocklist)).encode()).hexdigest(),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def self_instruct_pairs(teacher: torch.nn.Module, tokenizer: Any, count: int, settings: SelfInstructSettings,

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from upq.digest import json_digest
 from upq.evaluation.report import read_json, write_json_atomic
 from upq.generation import generate_ids, render_prompt
 
@@ -84,9 +85,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _reference_key(fingerprint: str, prompt_ids: list[list[int]], settings: dict) -> str:
-    payload = json.dumps({"model": fingerprint, "prompts": prompt_ids, "settings": settings},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return json_digest({"model": fingerprint, "prompts": prompt_ids, "settings": settings})
 
 
 def build_reference(

@@ -16,7 +16,6 @@ A work directory holds a per-block checkpoint; re-running resumes at the next bl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import resource
@@ -35,6 +34,7 @@ from ..checkpoint import install_packed_skeletons, materialize_meta_buffers, met
 from ..data.prompts import load_prompts
 from ..data.teacher_answers import ChatSettings, answer_rows, default_answer_cache, teacher_responses
 from ..data.text import load_texts, token_blocks
+from ..digest import json_digest
 from ..grids import GridSpec
 from ..logs import get_logger, progress_enabled
 from ..models import fix_special_tokens, load_model, local_model_dir
@@ -159,8 +159,7 @@ def _peak_rss_mib() -> float:
 
 
 def _fingerprint(model_name: str, cfg: BlockwiseConfig) -> str:
-    payload = json.dumps({"model": model_name, "config": asdict(cfg)}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return json_digest({"model": model_name, "config": asdict(cfg)})
 
 
 def _latent_file(work_dir: Path, index: int) -> Path:

@@ -19,7 +19,7 @@ from upq.evaluation.agreement import (
     model_fingerprint,
 )
 from upq.evaluation.perplexity import perplexity
-from upq.evaluation.report import markdown_header, markdown_row, summary_line, write_json_atomic
+from upq.evaluation.report import compare_table, markdown_header, write_json_atomic
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -150,8 +150,10 @@ def test_report_helpers(tmp_path):
     path = write_json_atomic(tmp_path / "sub" / "r.json", result)
     assert json.loads(path.read_text()) == result
     assert not [p for p in path.parent.iterdir() if p.name != "r.json"]  # no temp left behind
-    line = summary_line(result)
-    assert line.startswith("rtn-w2: ") and "ppl=12.35" in line and "agreement.kl=0.01234" in line
-    cols = ["name", "ppl", "agreement.kl", "mmlu"]
-    assert markdown_header(cols).splitlines()[0] == "| name | ppl | agreement.kl | mmlu |"
-    assert markdown_row(result, cols) == "| rtn-w2 | 12.35 | 0.01234 | - |"
+    assert markdown_header(["name", "ppl"]) == "| name | ppl |\n|---|---|"
+    quantized = {"model": "out/q", "quantization": {"method": "upq", "bits": 2}, "size": {"weights_bytes": 3 * 2**20},
+                 "metrics": {"ppl": {"ppl": 96.41}, "kl": {"kl": 1.44213, "top1_agreement": 0.512}}}
+    table = compare_table([{"model": "bundled", "metrics": {"ppl": {"ppl": 23.13}}}, quantized]).splitlines()
+    assert table[0] == "| model | method | bits | ppl | KL | top-1 | MMLU | IFEval (prompt strict) | weights MiB |"
+    assert table[2] == "| bundled | fp | 16/32 | 23.13 | - | - | - | - | - |"
+    assert table[3] == "| out/q | upq | 2 | 96.41 | 1.442 | 0.512 | - | - | 3 |"

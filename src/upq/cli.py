@@ -90,7 +90,7 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation.report import read_json
+    from .evaluation.report import compare_table, read_json
     from .api import evaluate
     from .evaluation.runner import headline
 
@@ -107,26 +107,6 @@ def _eval(args: argparse.Namespace) -> int:
         write_json_atomic(args.out, result)
     print(headline(result))
     return 0
-
-
-def compare_table(results: list[dict]) -> str:
-    """Markdown table of several evaluation results side by side."""
-    rows = ["| model | method | bits | ppl | KL | top-1 | MMLU | IFEval (prompt strict) | weights MiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        m, q = r.get("metrics", {}), r.get("quantization") or {}
-        cells = [
-            r.get("name", r.get("model")), q.get("method", "fp"), q.get("bits", "16/32"),
-            _fmt(m.get("ppl", {}).get("ppl")), _fmt(m.get("kl", {}).get("kl")), _fmt(m.get("kl", {}).get("top1_agreement")),
-            _fmt(m.get("mmlu", {}).get("accuracy")), _fmt(m.get("ifeval", {}).get("prompt_level_strict")),
-            _fmt((r.get("size") or {}).get("weights_bytes", 0) / 2**20 or None),
-        ]
-        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(rows)
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -9,8 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from ..atomic import write_json_atomic
 
-__all__ = ["write_json_atomic", "read_json", "flatten", "format_value", "summary_line",
-           "markdown_header", "markdown_row"]
+__all__ = ["write_json_atomic", "read_json", "flatten", "format_value", "markdown_header", "compare_table"]
 
 
 def read_json(path: str | Path) -> Any:
@@ -46,22 +45,22 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def summary_line(result: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
-    """One line ``name: k1=v1 k2=v2 ...`` (nested keys dotted; ``name`` used as the label)."""
-    flat = flatten(result)
-    label = flat.pop("name", None)
-    keys = list(keys) if keys is not None else [k for k, v in flat.items() if not isinstance(v, list)]
-    body = " ".join(f"{k}={format_value(flat.get(k))}" for k in keys)
-    return f"{label}: {body}" if label is not None else body
-
-
 def markdown_header(columns: Sequence[str]) -> str:
     """Header and separator lines of a markdown table with ``columns``."""
     return "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|"
 
 
-def markdown_row(result: Mapping[str, Any], columns: Sequence[str]) -> str:
-    """One markdown table row with the (dotted) ``columns`` of ``result``; missing -> '-'."""
-    flat = flatten(result)
-    cells = [format_value(flat.get(c)).replace("|", "\\|") for c in columns]
-    return "| " + " | ".join(cells) + " |"
+COMPARE_COLUMNS = ("model", "method", "bits", "ppl", "KL", "top-1", "MMLU", "IFEval (prompt strict)", "weights MiB")
+
+
+def compare_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of several ``upq eval`` results side by side (``upq eval --compare``)."""
+    rows = [markdown_header(COMPARE_COLUMNS)]
+    for r in results:
+        flat, q = flatten(r), r.get("quantization") or {}
+        weights = flat.get("size.weights_bytes")
+        cells = [r.get("name", r.get("model")), q.get("method", "fp"), q.get("bits", "16/32"), flat.get("metrics.ppl.ppl"),
+                 flat.get("metrics.kl.kl"), flat.get("metrics.kl.top1_agreement"), flat.get("metrics.mmlu.accuracy"),
+                 flat.get("metrics.ifeval.prompt_level_strict"), None if not weights else weights / 2**20]
+        rows.append("| " + " | ".join(format_value(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)

@@ -32,7 +32,7 @@ from upq.checkpoint import save_quantized
 from upq.distill.config import DistillConfig
 from upq.distill.student import build_student
 from upq.distill.trainer import read_metrics
-from upq.evaluate.runner import EvalSettings, evaluate, machine
+from upq.evaluation.runner import EvalSettings, evaluate, machine
 from upq.models import BUNDLED_MODEL
 from upq.modules import pack_model
 from upq.pipeline import run_recipe

@@ -3,7 +3,7 @@
 INT2 SEQ per-channel student, initialised **progressively** (from an INT4 block-wise PTQ
 checkpoint) or **directly** (from the FP weights), trained with **gJSD(0.5)** or the
 **next-token** loss (NTP) for the same number of tokens. Each model is evaluated with
-``upq.evaluate.runner.evaluate`` (tasks ppl, kl): held-out wiki perplexity, KL(original || model)
+``upq.evaluation.runner.evaluate`` (tasks ppl, kl): held-out wiki perplexity, KL(original || model)
 and top-1 agreement on the original model's greedy answers to the 32 eval chat prompts -- before
 training (the INT2 initialisation) and after.
 
@@ -31,7 +31,7 @@ from upq.distill.config import DistillConfig
 from upq.distill.data import DataConfig
 from upq.distill.student import build_student
 from upq.distill.trainer import distill, read_metrics
-from upq.evaluate.runner import EvalSettings, evaluate, machine
+from upq.evaluation.runner import EvalSettings, evaluate, machine
 from upq.models import BUNDLED_MODEL
 from upq.modules import pack_model
 

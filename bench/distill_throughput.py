@@ -37,7 +37,7 @@ from upq.distill.data import DataConfig
 from upq.distill.losses import chunked_loss
 from upq.distill.student import direct_student
 from upq.distill.trainer import Backbone, distill, read_metrics
-from upq.evaluate.runner import machine
+from upq.evaluation.runner import machine
 from upq.models import load_model
 from upq.modules import select_linears
 

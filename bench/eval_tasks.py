@@ -10,17 +10,13 @@ be added later with the same script::
     flock /tmp/upq-heavy.lock python bench/eval_tasks.py                       # original
     flock /tmp/upq-heavy.lock python bench/eval_tasks.py --model out/rtn-int2 --label "RTN INT2"
 
-``--model DIR``: a upq checkpoint (config.json has ``quantization_config.quant_method ==
-"upq"``) is loaded with upq's checkpoint loader; anything else with ``upq.models.load_model``.
+``--model DIR``: a upq checkpoint, a transformers directory or a hub id (``upq.loading.load_any``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,52 +24,12 @@ from typing import Any
 
 import torch
 
+from upq.evaluation.runner import machine
+from upq.loading import load_any
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def is_upq_checkpoint(path: str | None) -> bool:
-    """True when ``path/config.json`` carries a upq ``quantization_config``."""
-    if not path:
-        return False
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    qc = json.loads(config.read_text()).get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == "upq"
-
-
-def load(path: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a upq checkpoint, a transformers model or the bundled one."""
-    if is_upq_checkpoint(path):
-        import upq  # lazily: the checkpoint loader is optional for the original-model rows
-        from upq.models import fix_special_tokens, load_tokenizer
-
-        model = upq.load(path, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-        fix_special_tokens(model, tokenizer)
-        model.eval()
-        return model, tokenizer
-    from upq.models import load_model
-
-    return load_model(path, dtype=dtype)
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, core count and library versions of this run."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 def _fmt(x: Any, pct: bool = True) -> str:
@@ -119,7 +75,7 @@ def rescore(results: Path, label: str, responses: Path) -> int:
     """Score saved IFEval responses again (current checkers) and update row ``label``'s IFEval metrics."""
     import gzip
 
-    from upq.evaluate.ifeval import load_ifeval, score_responses
+    from upq.evaluation.ifeval import load_ifeval, score_responses
 
     opener = gzip.open if responses.suffix == ".gz" else open
     with opener(responses, "rt", encoding="utf-8") as f:
@@ -164,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--rescore needs the --label of the row to update")
         return rescore(Path(args.results), args.label, Path(args.rescore))
 
-    from upq.evaluate.ifeval import run_ifeval
-    from upq.evaluate.mmlu import run_mmlu
+    from upq.evaluation.ifeval import run_ifeval
+    from upq.evaluation.mmlu import run_mmlu
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"ifeval", "mmlu"}
@@ -173,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown tasks: {sorted(unknown)}")
     label = args.label or (args.model or "SmolLM2-135M-Instruct (original)")
     t0 = time.perf_counter()
-    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    model, tokenizer = load_any(args.model, dtype=DTYPES[args.dtype])
     row: dict[str, Any] = {"label": label, "model": args.model or "bundled", "dtype": args.dtype,
                            "machine": machine(), "load_time_s": time.perf_counter() - t0}
     if "mmlu" in tasks:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = ap.parse_args(argv)
 
-    from upq.evaluate.ifeval import load_ifeval
+    from upq.evaluation.ifeval import load_ifeval
     from upq.generation import generate_ids, render_prompt
     from upq.interactive import eos_token_ids
     from upq.models import load_model

@@ -23,7 +23,7 @@ from pathlib import Path
 from upq.checkpoint import save_quantized
 from upq.distill.student import Calibration, build_student
 from upq.distill.trainer import distill, read_metrics
-from upq.evaluate.runner import EvalSettings, evaluate
+from upq.evaluation.runner import EvalSettings, evaluate
 from upq.grids import GridSpec
 from upq.models import BUNDLED_MODEL
 from upq.modules import pack_model

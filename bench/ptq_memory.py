@@ -63,7 +63,7 @@ def measure(layers: int) -> dict:
 
 
 def main() -> None:
-    from upq.evaluate.runner import machine
+    from upq.evaluation.runner import machine
     from upq.atomic import write_json_atomic, write_text_atomic
 
     rows = [measure(n) for n in (4, 16)]

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from upq.atomic import write_json_atomic, write_text_atomic
 from upq.checkpoint import WEIGHTS_NAME, save_quantized
-from upq.evaluate.runner import EvalSettings, evaluate, machine
+from upq.evaluation.runner import EvalSettings, evaluate, machine
 from upq.grids import GridSpec, parse_group_size
 from upq.models import load_model
 from upq.packing import storage_bits

@@ -66,9 +66,11 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    import transformers
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def evaluate(model_name: str | None, reference: str | None = None, settings: EvalSettings | None = None,

@@ -66,9 +66,9 @@ def test_resume_after_interruption_reproduces_the_loss_sequence(setup, tmp_path:
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path: Path, monkeypatch) -> None:
     int4, corpus = setup
-    import upq.distill.trainer as trainer
+    import upq.distill.losses as losses
 
-    real = trainer.chunked_loss
+    real = losses.chunked_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -76,7 +76,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path: Path, mon
         value = real(*args, **kwargs)
         return value * float("inf") if calls["n"] == 5 else value  # the 5th training micro-batch
 
-    monkeypatch.setattr(trainer, "chunked_loss", poisoned)
+    monkeypatch.setattr(losses, "chunked_loss", poisoned)  # what every bound loss calls
     cfg = tiny_config(int4, corpus, steps=8, save_every=2)
     with pytest.raises(NonFiniteLossError, match="step 5.*last good checkpoint"):
         distill(cfg, tmp_path / "out", tmp_path / "work")
@@ -84,7 +84,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path: Path, mon
     ckpt = latest_checkpoint(tmp_path / "work")
     assert ckpt.name == "step-00000004"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 4
-    monkeypatch.setattr(trainer, "chunked_loss", real)
+    monkeypatch.setattr(losses, "chunked_loss", real)
     resumed = distill(cfg, tmp_path / "out", tmp_path / "work")  # resumes from the intact checkpoint
     assert resumed.resumed_from == 4 and resumed.steps == 8
 

@@ -9,7 +9,7 @@ from typing import Any
 from ..digest import json_digest
 from ..grids import GridSpec
 from .data import DataConfig
-from .losses import LOSSES
+from .losses import LOSSES, BoundLoss
 from ..ptq.handoff import SCALE_INITS
 from ..trainable import check_trainable
 from .student import INITS, Calibration
@@ -154,16 +154,16 @@ class DistillConfig:
         """Every loss the run uses."""
         return {self.loss} | ({self.first_loss} if self.first_loss else set())
 
-    def loss_kwargs(self, loss: str, gamma: float | None = None) -> dict[str, Any]:
-        """Keyword arguments of ``loss``."""
+    def build_loss(self, loss: str, gamma: float | None = None) -> BoundLoss:
+        """``loss`` with this run's parameters bound (CAKLD: ``gamma``, else the estimate passed in)."""
         if loss == "gjsd":
-            return {"beta": self.beta}
+            return BoundLoss(LOSSES[loss], beta=self.beta)
         if loss == "cakld":
             value = self.gamma if self.gamma is not None else gamma
             if value is None:
                 raise ValueError("cakld needs gamma (estimated from the teacher before training)")
-            return {"gamma": value}
-        return {}
+            return BoundLoss(LOSSES[loss], gamma=value)
+        return BoundLoss(LOSSES[loss])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""

@@ -69,6 +69,7 @@ __all__ = [
     "LOSSES",
     "cakld",
     "chunked_loss",
+    "BoundLoss",
     "estimate_cakld_gamma",
     "forward_kl",
     "generalized_jsd",
@@ -360,6 +361,35 @@ LOSSES: dict[str, DistillLoss] = {
     ),
     "ntp": DistillLoss("ntp", _ntp_per_token, False, True, "next-token cross-entropy (labels)"),
 }
+
+
+@dataclass(frozen=True)
+class BoundLoss:
+    """A registered loss with its parameters fixed once (``beta`` for gJSD, ``gamma`` for CAKLD)."""
+
+    loss: DistillLoss
+    beta: float | None = None
+    gamma: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.loss.name
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss.needs_teacher
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.loss.needs_labels
+
+    def chunked(self, student_hidden: Tensor, teacher_hidden: Optional[Tensor], student_head: Head,
+                teacher_head: Optional[Head], mask: Optional[Tensor] = None, *, labels: Optional[Tensor] = None,
+                chunk_tokens: int = 1024, reduction: Reduction = "mean") -> Tensor:
+        """:func:`chunked_loss` of this loss with its bound parameters."""
+        params = {k: v for k, v in (("beta", self.beta), ("gamma", self.gamma)) if v is not None}
+        return chunked_loss(self.loss, student_hidden, teacher_hidden, student_head, teacher_head, mask, labels=labels,
+                            chunk_tokens=chunk_tokens, reduction=reduction, **params)
 
 
 def get_loss(name: str | DistillLoss) -> DistillLoss:

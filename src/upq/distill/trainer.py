@@ -34,7 +34,7 @@ from ..models import BUNDLED_MODEL, load_model
 from ..modules import pack_model
 from .config import DistillConfig
 from .data import Batch, SampleStream, build_stream, collate, heldout_samples
-from .losses import chunked_loss, estimate_cakld_gamma
+from .losses import BoundLoss, chunked_loss, estimate_cakld_gamma
 from .state import ResumeError, TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..trainable import lr_factor, trainable_groups, trainable_state
 from .student import Student, build_student
@@ -190,14 +190,10 @@ class _Run:
         with torch.no_grad(), self.autocast():
             return self.teacher(batch.input_ids, batch.attention_mask)
 
-    def _loss_sum(self, loss: str, hidden: torch.Tensor, batch: Batch, teacher_hidden: torch.Tensor | None,
-                  kwargs: dict[str, Any]) -> torch.Tensor:
-        needs_teacher = loss != "ntp"
-        return chunked_loss(
-            loss, hidden, teacher_hidden, self.student.head, self.teacher.head if needs_teacher else None,
-            batch.loss_mask, labels=batch.labels() if loss == "ntp" else None,
-            chunk_tokens=self.cfg.chunk_tokens, reduction="sum", **kwargs,
-        )
+    def _loss_sum(self, loss: BoundLoss, hidden: torch.Tensor, batch: Batch, teacher_hidden: torch.Tensor | None) -> torch.Tensor:
+        return loss.chunked(hidden, teacher_hidden, self.student.head, self.teacher.head if loss.needs_teacher else None,
+                            batch.loss_mask, labels=batch.labels() if loss.needs_labels else None,
+                            chunk_tokens=self.cfg.chunk_tokens, reduction="sum")
 
     @torch.no_grad()
     def estimate_gamma(self) -> float:
@@ -234,8 +230,7 @@ class _Run:
     # ----------------------------------------------------------------------------- one step
     def train_step(self, step: int, gamma: float | None) -> dict[str, Any]:
         """Forward/backward over the step's micro-batches, clip, check, update. Returns metrics."""
-        loss_name = self.cfg.loss_at(step)
-        kwargs = self.cfg.loss_kwargs(loss_name, gamma)
+        step_loss = self.cfg.build_loss(self.cfg.loss_at(step), gamma)
         batches = self.micro_batches(step)
         n_loss, n_input = self._global_sum([sum(b.tokens for b in batches),
                                             sum(int(b.attention_mask.sum()) for b in batches)])
@@ -243,12 +238,12 @@ class _Run:
             raise ValueError(f"step {step + 1}: the global batch has no loss tokens (check the data / masks)")
         loss_sum = 0.0
         for m, batch in enumerate(batches):
-            teacher_hidden = self._teacher_hidden(batch) if loss_name != "ntp" else None
+            teacher_hidden = self._teacher_hidden(batch) if step_loss.needs_teacher else None
             sync = m == len(batches) - 1
             with self.acc.no_sync(self.backbone) if not sync else nullcontext():
                 with self.autocast():
                     hidden = self.backbone(batch.input_ids, batch.attention_mask)
-                    part = self._loss_sum(loss_name, hidden, batch, teacher_hidden, kwargs)
+                    part = self._loss_sum(step_loss, hidden, batch, teacher_hidden)
                 self.acc.backward(part * (self.world / n_loss))
             loss_sum += float(part.detach())
         (loss_total,) = self._global_sum([loss_sum])
@@ -265,7 +260,7 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "loss_name": loss_name, "grad_norm": grad_norm, "loss_tokens": n_loss, "input_tokens": n_input,
+        return {"loss": loss, "loss_name": step_loss.name, "grad_norm": grad_norm, "loss_tokens": n_loss, "input_tokens": n_input,
                 "lr": next(iter(lrs.values())), "lr_weight": lrs.get("weights"), "lr_scale": lrs.get("scales")}
 
     # ----------------------------------------------------------------------------- checkpoints

@@ -6,7 +6,7 @@ INT4 g64 checkpoint (``upq quantize --recipe ptq-int4 --budget cpu --set ptq.gro
     python bench/int2_start_sweep.py handoff INT4_DIR max,int4,mse,output      # untrained INT2 starts
     python bench/int2_start_sweep.py blocks INT4_DIR TAG '{"epochs": 4, ...}'  # the INT2 block stage
     python bench/int2_start_sweep.py distill START_DIR TAG KEY=VALUE ...       # upq-paper's distill stage
-    python bench/int2_start_sweep.py distill START_DIR TAG --recipe upq distill.latent_from=BLOCKS_WORK
+    python bench/int2_start_sweep.py distill --recipe upq START_DIR TAG distill.latent_from=BLOCKS_WORK  # options first
 
 Each prints one JSON line (KL, top-1, per-block errors or the trainer's held-out KL curve);
 ``bench/results/int2_start_sweep.md`` collects them.

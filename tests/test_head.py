@@ -62,3 +62,20 @@ def test_packed_head_exports_to_gguf_as_its_own_tensor(tied_model_dir: Path, tmp
     report = upq.export(both, tmp_path / "m.gguf", format="gguf")
     output = next(t for t in report.tensors if t.name == "output.weight")
     assert output.gguf_type == "Q4_1" and output.max_abs_error < 1e-3
+
+
+def test_clip_search_head_differs_from_rtn_and_needs_asym(tied_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog {i}." for i in range(64)))
+    common = {"rtn.group_size": 32, "lm-head.group_size": 32}
+    plain = upq.quantize(str(tied_model_dir), recipe="rtn-int4", out=tmp_path / "plain", add_stages=["lm-head"],
+                         overrides=common)
+    clipped = upq.quantize(str(tied_model_dir), recipe="rtn-int4", out=tmp_path / "clipped", add_stages=["lm-head"],
+                           overrides={**common, "lm-head.clip_search": True, "lm-head.calib_source": str(corpus),
+                                      "lm-head.samples": 4, "lm-head.seq_len": 32})
+    a, b = upq.load(plain).lm_head, upq.load(clipped).lm_head
+    assert not torch.equal(a.scale, b.scale)  # some group ranges were clipped
+    assert torch.equal(upq.load(plain).model.layers[0].mlp.up_proj.qweight, upq.load(clipped).model.layers[0].mlp.up_proj.qweight)
+    with pytest.raises(Exception, match="asymmetric"):
+        upq.quantize(str(tied_model_dir), recipe="rtn-int4", out=tmp_path / "x", add_stages=["lm-head"],
+                     overrides={"lm-head.grid": "seq", "lm-head.clip_search": True})

@@ -23,20 +23,36 @@ HEAD_PATTERN = r"(^|\.)lm_head$"
 
 @dataclass
 class HeadStage:
-    """RTN of ``lm_head`` on its own grid (the ``lm-head`` stage); ``start``: the checkpoint (default: the previous stage's)."""
+    """RTN of ``lm_head`` on its own grid (the ``lm-head`` stage); ``start``: the checkpoint (default: the previous stage's).
+
+    ``clip_search`` (asymmetric grid only): before rounding, clip each group's range by
+    BitDistiller's output-aware search (:mod:`upq.ptq.clip`) on ``tokens`` final hidden states
+    of ``samples`` x ``seq_len`` calibration tokens from ``calib_source``.
+    """
 
     grid: str = "asym"
     bits: int = 4
     group_size: int | None = 64
     start: str | None = None
+    clip_search: bool = False
+    calib_source: str = "wiki"
+    samples: int = 16
+    seq_len: int = 256
+    tokens: int = 64
 
     def __post_init__(self) -> None:
         GridSpec(self.grid, self.bits, self.group_size)  # validates
+        if self.clip_search and self.grid != "asym":
+            raise ValueError("clip_search is defined for the asymmetric grid")
 
 
 @torch.no_grad()
-def quantize_head(model: nn.Module, spec: GridSpec) -> str:
-    """Untie ``lm_head`` from the input embedding if needed, then quantize and pack it in place; returns its name."""
+def quantize_head(model: nn.Module, spec: GridSpec, calibration: torch.Tensor | None = None, tokens: int = 256) -> str:
+    """Untie ``lm_head`` from the input embedding if needed, then quantize and pack it in place; returns its name.
+
+    With ``calibration`` token ids, the head's weight groups are first clipped by the
+    output-aware search on ``tokens`` of its inputs (asymmetric grid).
+    """
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"the output head is {type(head).__name__}, not a float nn.Linear (already quantized?)")
@@ -47,6 +63,10 @@ def quantize_head(model: nn.Module, spec: GridSpec) -> str:
             untied.bias.copy_(head.bias)
         model.set_output_embeddings(untied)
         model.config.tie_word_embeddings = False
+    if calibration is not None:
+        from .clip import apply_clip_search
+
+        apply_clip_search(model, calibration, spec, include=[HEAD_PATTERN], exclude=[], skip=[], tokens_per_layer=tokens)
     names = quantize_model(model, spec, include=[HEAD_PATTERN], exclude=[])
     pack_model(model)
     return names[0]
@@ -60,10 +80,16 @@ def run_head_stage(cfg: HeadStage, context: StageContext) -> dict[str, Any]:
     model = load(start)
     qc = dict(model.upq_config)
     spec = GridSpec(cfg.grid, cfg.bits, cfg.group_size)
-    quantize_head(model, spec)
+    tokenizer = load_tokenizer(start)
+    calibration = None
+    if cfg.clip_search:
+        from ..data.text import load_texts, token_blocks
+
+        calibration = token_blocks(load_texts(cfg.calib_source, "train"), tokenizer, cfg.seq_len, cfg.samples)
+    quantize_head(model, spec, calibration, cfg.tokens)
     keep = {k: v for k, v in qc.items() if k not in {"quant_method", "method", "grid", "bits", "group_size", "modules",
                                                         "modules_not_quantized", "upq_version", "recipe", "files"}}
-    save_quantized(model, context.out, load_tokenizer(start), method=qc.get("method", "upq"), recipe=qc.get("recipe"),
+    save_quantized(model, context.out, tokenizer, method=qc.get("method", "upq"), recipe=qc.get("recipe"),
                    extra={**keep, "lm_head": spec.describe()})
     return {"lm_head": spec.describe()}
 

@@ -188,6 +188,12 @@ def to_markdown(res: dict) -> str:
                   f"FP32 lm_head (49152 x 576). {best['variant']} spends {b_ms:.1f} ms/token, so its packed "
                   f"matmuls (calls included) cost about {b_ms - f_ms:.1f} ms/token. No kernel can beat "
                   f"{1000 / f_ms / fp32:.2f}x FP32 on this stack; the gap to 3x is the floor, not the matmuls."]
+    head = rows.get("upq-int2-head4-native-fused")
+    if head and best:
+        lines += ["", f"Packed lm_head (the `lm-head` stage, asym INT4 g64, untied from the embedding): "
+                  f"{head['decode_tokens_per_s']:.1f} tokens/s against {best['decode_tokens_per_s']:.1f} with the float "
+                  f"head ({best['ms_per_token'] - head['ms_per_token']:.1f} ms/token less); what it costs in quality is in "
+                  "`head_quality.md`."]
     hf, lean = rows.get("upq-int2-native-hf-generate"), rows.get("upq-int2-native")
     if hf and lean:
         lines += ["", f"Decode loop: transformers' generate() costs {hf['ms_per_token'] - lean['ms_per_token']:.1f} "

@@ -26,8 +26,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a short story about a robot who learns to paint. Describe the colours it discovers."
-VARIANTS = ("f32", "q8_0", "q4_k_m", "upq-int4", "upq-int2")
-UPQ_CHECKPOINTS = {"upq-int4": 4, "upq-int2": 2}
+VARIANTS = ("f32", "q8_0", "q4_k_m", "upq-int4", "upq-int2", "upq-int2-head4")
+# upq RTN checkpoints exported to GGUF: `upq quantize` arguments; -head4 also packs lm_head (asym INT4 g64 -> Q4_1)
+UPQ_CHECKPOINTS = {
+    "upq-int4": ["--method", "rtn", "--grid", "seq", "--bits", "4", "--group-size", "channel"],
+    "upq-int2": ["--method", "rtn", "--grid", "seq", "--bits", "2", "--group-size", "channel"],
+    "upq-int2-head4": ["--recipe", "rtn-int2", "--add-stage", "lm-head"],
+}
 
 
 def work_dir() -> Path:
@@ -52,24 +57,24 @@ def llama_quantize(source: Path, out: Path, ftype_name: str) -> None:
     os.replace(tmp, out)
 
 
-def ensure_files() -> dict[str, Path]:
-    """Every GGUF file of the comparison, made once and cached."""
+def ensure_files(names: list[str]) -> dict[str, Path]:
+    """The GGUF files of ``names`` (plus the F32 source), made once and cached."""
     from upq.export_gguf import export_gguf
     from upq.models import local_model_dir
 
     work = work_dir()
-    files = {name: work / f"smollm2-{name}.gguf" for name in VARIANTS}
+    files = {name: work / f"smollm2-{name}.gguf" for name in dict.fromkeys(["f32", *names])}
     if not files["f32"].is_file():
         export_gguf(local_model_dir(None), files["f32"], dense_type="float32")
     for name, ftype in (("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), ("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M")):
-        if not files[name].is_file():
+        if name in files and not files[name].is_file():
             llama_quantize(files["f32"], files[name], ftype)
-    for name, bits in UPQ_CHECKPOINTS.items():
-        if not files[name].is_file():
-            ckpt = work / f"rtn-seq-w{bits}-channel"
+    for name, arguments in UPQ_CHECKPOINTS.items():
+        if name in files and not files[name].is_file():
+            ckpt = work / f"rtn-{name}"
             if not (ckpt / "config.json").is_file():
-                subprocess.run([sys.executable, "-m", "upq.cli", "quantize", "--method", "rtn", "--grid", "seq",
-                                "--bits", str(bits), "--group-size", "channel", "--out", str(ckpt), "--quiet"], check=True)
+                subprocess.run([sys.executable, "-m", "upq.cli", "quantize", *arguments, "--out", str(ckpt), "--quiet"],
+                               check=True)
             export_gguf(ckpt, files[name])
     return files
 
@@ -126,7 +131,8 @@ def to_markdown(res: dict) -> str:
              f"CPU: **{res['cpu']}**, {res['threads']} threads; llama-cpp-python {res['llama_cpp_python']}. "
              f"Chat prompt of {rows['f32']['prompt_tokens']} tokens, exactly {res['tokens']} greedy new tokens, "
              f"best of {res['repeats']} runs, each file in a fresh process. upq files are exact exports of RTN SEQ "
-             "per-channel checkpoints (576-wide rows -> Q4_1, 1536-wide down_proj rows -> Q2_K for INT2).", "",
+             "per-channel checkpoints (576-wide rows -> Q4_1, 1536-wide down_proj rows -> Q2_K for INT2; -head4 also packs lm_head, "
+             "asym INT4 g64 -> Q4_1).", "",
              "| file | MiB | decode tokens/s | ms/token | vs F32 | prefill s | peak RSS MiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
@@ -142,6 +148,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "llamacpp_decode"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (f32 always runs)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(Path(args.child), args.tokens, args.repeats, args.threads)))
@@ -153,7 +160,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from kernels import cpu_name
 
-    files = ensure_files()
+    files = ensure_files([v for v in args.variants.split(",") if v])
     rows = {}
     for name, path in files.items():
         proc = subprocess.run([sys.executable, __file__, "--child", str(path), "--tokens", str(args.tokens),

@@ -43,11 +43,11 @@ VARIANTS = {
     "floor-fp32-free-linears": ("floor", "float32", None, "dynamic", "upq"),
     "floor-bf16-free-linears": ("floor", "bfloat16", None, "dynamic", "upq"),
 }
-# kind: (cache directory name, `upq quantize` arguments); int2-head4 also packs lm_head (asym INT4 g64)
+# kind: (cache directory name, `upq quantize` arguments); int2-head4 also packs lm_head (asym INT4 g32)
 CHECKPOINTS = {
     "int4": ("smollm2-rtn-seq-w4-channel", ["--method", "rtn", "--grid", "seq", "--bits", "4", "--group-size", "channel"]),
     "int2": ("smollm2-rtn-seq-w2-channel", ["--method", "rtn", "--grid", "seq", "--bits", "2", "--group-size", "channel"]),
-    "int2-head4": ("smollm2-rtn-seq-w2-channel-head-asym4-g64", ["--recipe", "rtn-int2", "--add-stage", "lm-head"]),
+    "int2-head4": ("smollm2-rtn-seq-w2-channel-head-asym4-g32", ["--recipe", "rtn-int2", "--add-stage", "lm-head"]),
 }
 
 
@@ -190,7 +190,7 @@ def to_markdown(res: dict) -> str:
                   f"{1000 / f_ms / fp32:.2f}x FP32 on this stack; the gap to 3x is the floor, not the matmuls."]
     head = rows.get("upq-int2-head4-native-fused")
     if head and best:
-        lines += ["", f"Packed lm_head (the `lm-head` stage, asym INT4 g64, untied from the embedding): "
+        lines += ["", f"Packed lm_head (the `lm-head` stage, asym INT4 g32, untied from the embedding): "
                   f"{head['decode_tokens_per_s']:.1f} tokens/s against {best['decode_tokens_per_s']:.1f} with the float "
                   f"head ({best['ms_per_token'] - head['ms_per_token']:.1f} ms/token less); what it costs in quality is in "
                   "`head_quality.md`."]

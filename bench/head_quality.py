@@ -21,9 +21,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def parse_variant(name: str) -> dict:
-    """``asym4-g64`` -> lm-head stage settings."""
-    grid, _, group = name.partition("-g")
-    return {"grid": grid.rstrip("0123456789"), "bits": int(grid[len(grid.rstrip("0123456789")):]), "group_size": int(group)}
+    """``asym4-g64`` (``-clip``: with the output-aware clip search) -> lm-head stage settings."""
+    grid, _, rest = name.partition("-g")
+    group, _, clip = rest.partition("-")
+    return {"grid": grid.rstrip("0123456789"), "bits": int(grid[len(grid.rstrip("0123456789")):]), "group_size": int(group),
+            "clip_search": clip == "clip"}
 
 
 def main() -> None:
@@ -32,10 +34,13 @@ def main() -> None:
     parser.add_argument("--variants", default="asym4-g64,asym4-g32,seq4-g64")
     parser.add_argument("--work", default="runs/head-quality")
     parser.add_argument("--out", default=str(RESULTS / "head_quality"))
+    parser.add_argument("--merge", action="store_true", help="add these rows to an existing result (same checkpoint)")
     args = parser.parse_args()
     settings = {"ppl_max_tokens": 16384, "kl_prompts": 32, "kl_max_new_tokens": 128}
-    rows = []
-    for name in ["none", *args.variants.split(",")]:
+    out = Path(args.out)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if args.merge else []
+    done = {r["head"] for r in rows}
+    for name in [n for n in ["none", *args.variants.split(",")] if n not in done]:
         if name == "none":
             model_dir = Path(args.checkpoint)
         else:
@@ -51,7 +56,6 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     res = {"checkpoint": args.checkpoint, "settings": settings, "machine": machine(), "command": " ".join(sys.argv),
            "rows": rows}
-    out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     base = rows[0]
     lines = [f"# Cost of packing lm_head: `{args.checkpoint}`", "",

@@ -27,7 +27,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a short story about a robot who learns to paint. Describe the colours it discovers."
 VARIANTS = ("f32", "q8_0", "q4_k_m", "upq-int4", "upq-int2", "upq-int2-head4")
-# upq RTN checkpoints exported to GGUF: `upq quantize` arguments; -head4 also packs lm_head (asym INT4 g64 -> Q4_1)
+# upq RTN checkpoints exported to GGUF: `upq quantize` arguments; -head4 also packs lm_head (asym INT4 g32 -> Q4_1)
 UPQ_CHECKPOINTS = {
     "upq-int4": ["--method", "rtn", "--grid", "seq", "--bits", "4", "--group-size", "channel"],
     "upq-int2": ["--method", "rtn", "--grid", "seq", "--bits", "2", "--group-size", "channel"],
@@ -132,7 +132,7 @@ def to_markdown(res: dict) -> str:
              f"Chat prompt of {rows['f32']['prompt_tokens']} tokens, exactly {res['tokens']} greedy new tokens, "
              f"best of {res['repeats']} runs, each file in a fresh process. upq files are exact exports of RTN SEQ "
              "per-channel checkpoints (576-wide rows -> Q4_1, 1536-wide down_proj rows -> Q2_K for INT2; -head4 also packs lm_head, "
-             "asym INT4 g64 -> Q4_1).", "",
+             "asym INT4 g32 -> Q4_1).", "",
              "| file | MiB | decode tokens/s | ms/token | vs F32 | prefill s | peak RSS MiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():

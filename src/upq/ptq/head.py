@@ -32,7 +32,7 @@ class HeadStage:
 
     grid: str = "asym"
     bits: int = 4
-    group_size: int | None = 64
+    group_size: int | None = 32
     start: str | None = None
     clip_search: bool = False
     calib_source: str = "wiki"

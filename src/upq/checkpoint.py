@@ -27,6 +27,9 @@ from .modules import PackedLinear, _set_submodule, quantized_layer_names
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_METHOD = "upq"
+# quantization_config keys that save_quantized derives from the model itself (the rest is provenance)
+DERIVED_KEYS = frozenset({"quant_method", "method", "grid", "bits", "group_size", "modules", "modules_not_quantized",
+                          "upq_version", "recipe", "files"})
 
 
 class CheckpointError(RuntimeError):
@@ -117,6 +120,11 @@ def save_quantized(
             tokenizer.save_pretrained(tmp)
         write_model_card(tmp)
     return out_dir
+
+
+def provenance(quant_config: dict[str, Any]) -> dict[str, Any]:
+    """The recorded fields of a ``quantization_config`` that are not derived from the model (source model, stages, ...)."""
+    return {k: v for k, v in quant_config.items() if k not in DERIVED_KEYS}
 
 
 def read_quantization_config(path: str | Path) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .atomic import write_json_atomic
-from .cli_fields import FieldMap, config_from_args, flag_default
+from .cli_fields import FieldMap, config_from_args, field_flag_adder, flag_default
 from .grids import GRIDS
 from .logs import get_logger, setup_logging
 from .kernels.ops import BACKENDS
@@ -338,12 +338,7 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     from .distill.student import INITS
     from .ptq.handoff import SCALE_INITS
 
-    def opt(flag: str, dest: str | None = None, **kw) -> None:
-        dest = dest or flag.lstrip("-").replace("-", "_")
-        if kw.get("action") != "store_true":
-            kw["default"] = flag_default(DistillConfig, DISTILL_FIELDS, dest)
-        d.add_argument(flag, dest=dest, **kw)
-
+    opt = field_flag_adder(d, DistillConfig, DISTILL_FIELDS)
     losses = sorted(LOSSES)
     opt("--student-init", choices=list(INITS),
         help="progressive: from the INT4 checkpoint (--from); direct: from the original weights")
@@ -435,11 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="RTN load dtype")
     q.add_argument("--out", required=True, help="output checkpoint directory")
     p = q.add_argument_group("block-wise PTQ")
-
-    def ptq_opt(flag: str, dest: str | None = None, **kw) -> None:
-        dest = dest or flag.lstrip("-").replace("-", "_")
-        p.add_argument(flag, dest=dest, default=flag_default(BlockwiseConfig, BLOCKWISE_FIELDS, dest), **kw)
-
+    ptq_opt = field_flag_adder(p, BlockwiseConfig, BLOCKWISE_FIELDS)
     ptq_opt("--samples", type=int, help="calibration sequences")
     ptq_opt("--seq-len", type=int)
     ptq_opt("--epochs", type=int)
@@ -465,11 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model: perplexity, KL/agreement to the original, MMLU, IFEval")
     e.add_argument("model", nargs="?", help="upq checkpoint, transformers dir, hub id, or 'bundled'")
     e.add_argument("--reference", help="original model for KL (default: the checkpoint's recorded source model)")
-
-    def eval_opt(flag: str, **kw) -> None:
-        dest = flag.lstrip("-").replace("-", "_")
-        e.add_argument(flag, default=flag_default(EvalSettings, EVAL_FIELDS, dest), **kw)
-
+    eval_opt = field_flag_adder(e, EvalSettings, EVAL_FIELDS)
     eval_opt("--tasks", help="comma list of ppl,kl,mmlu,ifeval")
     eval_opt("--limit", type=int, help="deterministic subset size for mmlu / ifeval")
     eval_opt("--shots", type=int, help="MMLU few-shot examples")

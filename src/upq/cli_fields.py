@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from .grids import parse_group_size
 
@@ -45,6 +45,18 @@ def flag_default(cls: type, fields: FieldMap, dest: str) -> Any:
     """The default of the flag ``dest``: its (first) field's dataclass default, as the flag shows it."""
     path = fields[dest][0]
     return as_flag(path, field_default(cls, path))
+
+
+def field_flag_adder(parser: Any, cls: type, fields: FieldMap) -> Callable[..., None]:
+    """An ``add_argument`` for ``parser`` whose flags default to their ``cls`` field (``store_true`` flags: False)."""
+
+    def add(flag: str, dest: str | None = None, **kw: Any) -> None:
+        dest = dest or flag.lstrip("-").replace("-", "_")
+        if kw.get("action") != "store_true":
+            kw["default"] = flag_default(cls, fields, dest)
+        parser.add_argument(flag, dest=dest, **kw)
+
+    return add
 
 
 def _from_flag(path: str, value: Any) -> Any:

@@ -69,19 +69,19 @@ def render_model_card(quant_config: dict[str, Any], weights_bytes: int, evaluati
 def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
     if not evaluation:
         return ["Not evaluated yet: `upq eval THIS_DIR` records its results here."]
-    metrics = evaluation.get("metrics", {})
+    metrics, measured_with = evaluation.get("metrics", {}), evaluation.get("measured_with", {})
     rows = []
     if "ppl" in metrics:
         rows.append(f"| perplexity ({metrics['ppl'].get('tokens')} held-out tokens) | {metrics['ppl']['ppl']:.3f} |")
     if "kl" in metrics:
-        reference = evaluation.get("reference", "the original")
+        reference = measured_with.get("kl", {}).get("reference", "the original")
         rows.append(f"| KL({reference} ‖ this model) per response token | {metrics['kl']['kl']:.4f} |")
         rows.append(f"| top-1 agreement with {reference} | {metrics['kl']['top1_agreement']:.3f} |")
     if "ifeval" in metrics:
         rows.append(f"| IFEval prompt-level strict | {metrics['ifeval'].get('prompt_level_strict', float('nan')):.3f} |")
     if "mmlu" in metrics:
         rows.append(f"| MMLU accuracy | {metrics['mmlu'].get('accuracy', float('nan')):.3f} |")
-    machine = evaluation.get("machine", {})
+    machine = next((c.get("machine", {}) for c in measured_with.values()), {})
     return ["| metric | value |", "|---|---|", *rows, "",
             f"Measured by `upq eval` on {machine.get('cpu', 'unknown')} ({machine.get('gpu') or 'no GPU'}); "
             f"settings in `{EVAL_NAME}`."]
@@ -108,6 +108,5 @@ def record_evaluation(checkpoint_dir: str | Path, result: dict[str, Any]) -> Pat
     for task, metrics in result.get("metrics", {}).items():
         merged["metrics"][task] = metrics
         merged.setdefault("measured_with", {})[task] = context
-    merged.update({k: result[k] for k in ("reference", "machine") if k in result})
     write_json_atomic(eval_file, merged)
     return write_model_card(checkpoint_dir)

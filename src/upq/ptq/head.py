@@ -74,11 +74,11 @@ def quantize_head(model: nn.Module, spec: GridSpec, calibration: torch.Tensor | 
 
 def run_head_stage(cfg: HeadStage, context: StageContext) -> dict[str, Any]:
     """The ``lm-head`` stage: load the checkpoint, pack its head, save it with the same provenance."""
-    from ..checkpoint import load, load_tokenizer, save_quantized
+    from ..checkpoint import load, load_tokenizer, provenance, save_quantized
 
     start = context.previous(cfg.start, "checkpoint", "lm-head")
     model = load(start)
-    qc = dict(model.upq_config)
+    qc = model.upq_config
     spec = GridSpec(cfg.grid, cfg.bits, cfg.group_size)
     tokenizer = load_tokenizer(start)
     calibration = None
@@ -87,10 +87,8 @@ def run_head_stage(cfg: HeadStage, context: StageContext) -> dict[str, Any]:
 
         calibration = token_blocks(load_texts(cfg.calib_source, "train"), tokenizer, cfg.seq_len, cfg.samples)
     quantize_head(model, spec, calibration, cfg.tokens)
-    keep = {k: v for k, v in qc.items() if k not in {"quant_method", "method", "grid", "bits", "group_size", "modules",
-                                                        "modules_not_quantized", "upq_version", "recipe", "files"}}
     save_quantized(model, context.out, tokenizer, method=qc.get("method", "upq"), recipe=qc.get("recipe"),
-                   extra={**keep, "lm_head": spec.describe()})
+                   extra={**provenance(qc), "lm_head": spec.describe()})
     return {"lm_head": spec.describe()}
 
 

@@ -17,6 +17,7 @@ from .atomic import write_json_atomic
 from .cli_fields import FieldMap, config_from_args, field_flag_adder, flag_default
 from .grids import GRIDS
 from .logs import get_logger, setup_logging
+from .interactive import ENGINES
 from .kernels.ops import BACKENDS
 from .recipes.schema import BUDGETS
 
@@ -279,8 +280,10 @@ def _add_generation_parsers(sub) -> None:
         g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                        help="dtype of activations and unquantized weights (embeddings, norms, lm_head); "
                             "float32 decodes fastest on CPU (bench/results/decode.md)")
-        g.add_argument("--engine", default="upq", choices=["upq", "hf"],
-                       help="decode loop: upq's lean loop or transformers' generate()")
+        g.add_argument("--engine", default="auto", choices=list(ENGINES),
+                       help="decode engine: native (the whole Llama forward in C++), upq (a lean loop over "
+                            "transformers' forward), hf (transformers' generate()), or auto (native when it "
+                            "can run the model, else upq)")
         g.add_argument("--no-fuse", action="store_true",
                        help="do not run q/k/v and gate/up packed layers as one kernel call each")
         g.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="KV cache kind")

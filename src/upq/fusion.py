@@ -23,7 +23,7 @@ from .modules import PackedLinear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-__all__ = ["DEFAULT_GROUPS", "fuse_siblings", "unfuse_siblings"]
+__all__ = ["DEFAULT_GROUPS", "fuse_siblings", "same_packed_format", "stack_packed", "unfuse_siblings"]
 
 
 @dataclass
@@ -46,7 +46,9 @@ def _fused_forward(self: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _compatible(layers: list[nn.Module]) -> bool:
+def same_packed_format(layers: list[nn.Module]) -> bool:
+    """Whether ``layers`` are ``PackedLinear`` of one format (grid, input size, buffer dtypes, device,
+    zero points and bias alike), so their buffers can be stacked row-wise into one layer."""
     first = layers[0]
     if not all(isinstance(m, PackedLinear) for m in layers):
         return False
@@ -57,9 +59,23 @@ def _compatible(layers: list[nn.Module]) -> bool:
         and m.qweight.device == first.qweight.device
         and (m.zero is None) == (first.zero is None)
         and (m.bias is None) == (first.bias is None)
-        and "_upq_fusion" not in m.__dict__
         for m in layers
     )
+
+
+@torch.no_grad()
+def stack_packed(layers: list[PackedLinear]) -> PackedLinear:
+    """One ``PackedLinear`` whose output is the layers' outputs concatenated (a copy of their buffers).
+
+    The layers must pass :func:`same_packed_format`.
+    """
+    first = layers[0]
+    stacked = PackedLinear(first.in_features, sum(m.out_features for m in layers), first.spec,
+                           first.bias is not None, first.scale.dtype, device=first.qweight.device)
+    for buf in ("qweight", "scale", "zero", "bias"):
+        if getattr(stacked, buf) is not None:
+            getattr(stacked, buf).copy_(torch.cat([getattr(m, buf) for m in layers], dim=0))
+    return stacked
 
 
 @torch.no_grad()
@@ -72,15 +88,11 @@ def fuse_siblings(model: nn.Module, groups: tuple[tuple[str, ...], ...] = DEFAUL
     for parent in list(model.modules()):
         for names in groups:
             layers = [getattr(parent, n, None) for n in names]
-            if any(m is None for m in layers) or not _compatible(layers):
+            if (any(m is None for m in layers) or not same_packed_format(layers)
+                    or any("_upq_fusion" in m.__dict__ for m in layers)):
                 continue
-            first = layers[0]
             sizes = [m.out_features for m in layers]
-            fused = PackedLinear(first.in_features, sum(sizes), first.spec, first.bias is not None,
-                                 first.scale.dtype, device=first.qweight.device)
-            for buf in ("qweight", "scale", "zero", "bias"):
-                if getattr(fused, buf) is not None:
-                    getattr(fused, buf).copy_(torch.cat([getattr(m, buf) for m in layers], dim=0))
+            fused = stack_packed(layers)
             group = _Group(fused, sizes)
             row = 0
             for index, m in enumerate(layers):

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .interactive import eos_token_ids
+from .interactive import eos_token_ids, resolve_engine
+from .native_decode import NativeDecoder, native_decoder
 from .kv_slots import SlotKVCache
 from .sampling import pick_tokens
 
@@ -178,6 +179,69 @@ class _ContinuousBatch:
         self._accept(live, pick_tokens(logits[live], self.temperature, self.top_p, self.generator))
 
 
+class _NativeBatch:
+    """Continuous batching on the native decoder (:mod:`upq.native_decode`): every prompt gets a
+    cache slot of its own, one forward per step serves the live slots (no padding, no mask), and
+    freed slots take the next prompts, prefilled together in one forward.
+    """
+
+    def __init__(self, decoder: NativeDecoder, encoded: list[list[int]], *, slots: int, max_new_tokens: int,
+                 eos: list[int], temperature: float, top_p: float, generator: torch.Generator | None,
+                 on_tokens: Callable[[int, int], None]) -> None:
+        self.decoder, self.encoded = decoder, encoded
+        self.max_new, self.eos = max_new_tokens, set(eos)
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.on_tokens = on_tokens
+        decoder.reset(slots, max(len(e) for e in encoded) + max_new_tokens)
+        self.rows: list[_Row | None] = [None] * slots
+        self.lengths = [0] * slots
+        self.results: dict[int, Generation] = {}
+
+    def run(self, order: Sequence[int]) -> dict[int, Generation]:
+        """Generate for the prompts in ``order``; returns ``{prompt index: Generation}``."""
+        pending = deque(order)
+        while pending or any(self.rows):
+            free = [s for s, r in enumerate(self.rows) if r is None]
+            if pending and free:
+                self._prefill([(s, pending.popleft()) for s in free[:len(pending)]])
+            else:
+                self._step()
+        return self.results
+
+    def _forward(self, tokens: list[int], slots: list[int], positions: list[int], logit_rows: list[int],
+                 owners: list[int]) -> None:
+        logits = self.decoder.forward(tokens, slots, positions, logit_rows)
+        picked = pick_tokens(logits, self.temperature, self.top_p, self.generator).tolist()
+        finished = 0
+        for s, token in zip(owners, picked):
+            row = self.rows[s]
+            row.response.append(token)
+            self.lengths[s] += 1
+            if token in self.eos or len(row.response) >= self.max_new:
+                self.results[row.index] = Generation(list(self.encoded[row.index]), row.response, token in self.eos)
+                self.rows[s] = None
+                finished += 1
+        self.on_tokens(len(owners), finished)
+
+    def _prefill(self, assignments: list[tuple[int, int]]) -> None:
+        """Prompts into free slots: ``(slot, prompt index)`` pairs, one forward for all of them."""
+        tokens, slots, positions, logit_rows = [], [], [], []
+        for s, i in assignments:
+            ids = self.encoded[i]
+            tokens += ids
+            slots += [s] * len(ids)
+            positions += range(len(ids))
+            logit_rows.append(len(tokens) - 1)
+            self.rows[s], self.lengths[s] = _Row(i), len(ids) - 1
+        self._forward(tokens, slots, positions, logit_rows, [s for s, _ in assignments])
+
+    def _step(self) -> None:
+        """One new token for every live slot."""
+        live = [s for s, r in enumerate(self.rows) if r is not None]
+        tokens = [self.rows[s].response[-1] for s in live]
+        self._forward(tokens, live, [self.lengths[s] for s in live], list(range(len(live))), live)
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -191,6 +255,7 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    engine: str = "auto",
 ) -> list[Generation]:
     """Generate a response to each prompt; returns token ids in the order of ``prompts``.
 
@@ -198,6 +263,9 @@ def generate_ids(
     Continuous batching over ``batch_size`` rows: prompts go longest first, and a row that stops
     is refilled with the next prompts (see :class:`_ContinuousBatch`). ``temperature == 0`` is
     greedy decoding; sampling is seeded with ``seed`` (results then also depend on ``batch_size``).
+    ``engine``: ``native`` (the C++ forward of :mod:`upq.native_decode`, one cache slot per
+    prompt), ``upq`` (transformers' forward on a slotted cache), or ``auto`` (native when it can
+    run the model).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -238,11 +306,16 @@ def generate_ids(
     was_training = model.training
     model.eval()
     try:
-        engine = _ContinuousBatch(model, encoded, slots=min(batch_size, len(prompts)),
-                                  max_new_tokens=max_new_tokens, eos=eos, pad=pad,
-                                  temperature=temperature, top_p=top_p, generator=generator,
-                                  on_tokens=on_tokens)
-        results = engine.run(order)
+        slots = min(batch_size, len(prompts))
+        if resolve_engine(model, engine) == "native":
+            batch = _NativeBatch(native_decoder(model), encoded, slots=slots, max_new_tokens=max_new_tokens,
+                                 eos=eos, temperature=temperature, top_p=top_p, generator=generator,
+                                 on_tokens=on_tokens)
+        else:
+            batch = _ContinuousBatch(model, encoded, slots=slots, max_new_tokens=max_new_tokens, eos=eos,
+                                     pad=pad, temperature=temperature, top_p=top_p, generator=generator,
+                                     on_tokens=on_tokens)
+        results = batch.run(order)
     finally:
         model.train(was_training)
         if bar is not None:
@@ -262,6 +335,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    engine: str = "auto",
 ) -> list[str]:
     """Generate a response text for each prompt (special tokens stripped), in input order.
 
@@ -269,6 +343,6 @@ def generate(
     """
     gens = generate_ids(
         model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, progress=progress,
+        batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, progress=progress, engine=engine,
     )
     return [tokenizer.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]

@@ -16,9 +16,12 @@ from typing import Callable
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
+from .native_decode import NativeDecoder, native_decode_reason, native_decoder
 from .sampling import pick_tokens
 
-__all__ = ["SamplingSettings", "GenerationStats", "TimingStreamer", "encode_chat", "stream_generate", "chat_loop"]
+ENGINES = ("auto", "native", "upq", "hf")
+
+__all__ = ["ENGINES", "resolve_engine", "SamplingSettings", "GenerationStats", "TimingStreamer", "encode_chat", "stream_generate", "chat_loop"]
 
 
 @dataclass
@@ -132,17 +135,18 @@ def stream_generate(
     input_ids: list[int],
     settings: SamplingSettings,
     write: Callable[[str], None] | None = None,
-    engine: str = "upq",
+    engine: str = "auto",
 ) -> tuple[list[int], GenerationStats]:
     """Generate after ``input_ids``, streaming text to ``write`` (None: silent); returns new ids and timings.
 
-    ``engine="upq"`` is a lean decode loop (one forward per token on a KV cache, last-position
-    logits only); ``"hf"`` uses ``model.generate``. Both stop at eos and return the ids before it.
+    ``engine``: ``"native"`` runs the whole forward in C++ (:mod:`upq.native_decode`); ``"upq"``
+    is a lean decode loop over transformers' forward (one forward per token on a KV cache,
+    last-position logits only); ``"hf"`` uses ``model.generate``; ``"auto"`` is ``native`` when
+    the native decoder can run the model, else ``upq``. All stop at eos and return the ids before it.
     """
     if not input_ids:
         raise ValueError("empty prompt")
-    if engine not in ("upq", "hf"):
-        raise ValueError(f"engine must be 'upq' or 'hf', got {engine!r}")
+    engine = resolve_engine(model, engine)
     eos = eos_token_ids(model, tokenizer)
     streamer = TimingStreamer(tokenizer, write)
     device = next(model.parameters()).device
@@ -150,6 +154,8 @@ def stream_generate(
     start = time.perf_counter()
     if engine == "hf":
         new = _hf_generate(model, tokenizer, ids, settings, eos, streamer)
+    elif engine == "native":
+        new = _native_generate(native_decoder(model), ids, settings, eos, streamer)
     else:
         new = _lean_generate(model, ids, settings, eos, streamer)
     end = time.perf_counter()
@@ -165,13 +171,57 @@ def stream_generate(
     return (new if stop is None else new[:stop]), stats
 
 
+def resolve_engine(model: torch.nn.Module, engine: str) -> str:
+    """The decode engine that runs: ``auto`` becomes ``native`` when the native decoder can run
+    ``model``, else ``upq``; naming ``native`` for a model it cannot run raises ``ValueError``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine in ("auto", "native"):
+        reason = native_decode_reason(model)
+        if reason is None:
+            return "native"
+        if engine == "native":
+            raise ValueError(f"the native decoder cannot run this model: {reason}")
+        return "upq"
+    return engine
+
+
+def _generator(settings: SamplingSettings, device: torch.device) -> torch.Generator | None:
+    if settings.temperature <= 0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    return generator
+
+
+def _native_generate(decoder: NativeDecoder, ids: torch.Tensor, settings: SamplingSettings, eos: list[int],
+                     streamer: TimingStreamer) -> list[int]:
+    """The decode loop on the native decoder: one slot, prefill, then one token per forward."""
+    generator = _generator(settings, ids.device)
+    prompt = ids[0].tolist()
+    decoder.reset(1, len(prompt) + settings.max_new_tokens)
+    streamer.put(ids.cpu())
+    logits = decoder.prefill(0, prompt)
+    new: list[int] = []
+    eos_set = set(eos)
+    while True:
+        if len(new) < settings.min_new_tokens:
+            logits = logits.clone()
+            logits[eos] = float("-inf")
+        token = _select(logits, settings, generator)
+        new.append(token)
+        streamer.put(torch.tensor([token]))
+        if token in eos_set or len(new) >= settings.max_new_tokens:
+            break
+        logits = decoder.forward([token], [0], [len(prompt) + len(new) - 1], [0])[0]
+    streamer.end()
+    return new
+
+
 def _lean_generate(model: PreTrainedModel, ids: torch.Tensor, settings: SamplingSettings, eos: list[int],
                    streamer: TimingStreamer) -> list[int]:
     """The decode loop: prefill, then one single-token forward per new token."""
-    generator = None
-    if settings.temperature > 0:
-        generator = torch.Generator(device=ids.device)
-        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    generator = _generator(settings, ids.device)
     n_prompt = ids.shape[1]
     cache = _make_cache(model, settings.cache, n_prompt + settings.max_new_tokens)
     streamer.put(ids.cpu())
@@ -237,7 +287,7 @@ def chat_loop(
     read: Callable[[str], str] = input,
     write: Callable[[str], None] | None = None,
     show_stats: bool = True,
-    engine: str = "upq",
+    engine: str = "auto",
 ) -> ChatState:
     """A terminal chat: ``/reset`` starts over, ``/exit`` (or end of input) quits.
 

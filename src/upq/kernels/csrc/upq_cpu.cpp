@@ -284,6 +284,8 @@ bool layout_supported(int64_t bits, int64_t G, int64_t group_len, int64_t isa_re
 
 std::string best_isa() { return isa_name(detect_isa()); }
 
+void bind_decoder(py::module& m);  // llama_decoder.cpp
+
 }  // namespace upq
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -297,4 +299,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layout_supported", &upq::layout_supported, py::arg("bits"), py::arg("groups"), py::arg("group_len"),
         py::arg("isa") = -1);
   m.def("best_isa", &upq::best_isa);
+  upq::bind_decoder(m);
 }

@@ -54,7 +54,7 @@ def test_stops_at_eos(tiny_model):
     handle = model.lm_head.register_forward_hook(force_eos_from_second_step)
     try:
         gens = generate_ids(model, tok, PROMPTS[:3], max_new_tokens=20, batch_size=3,
-                            progress=False)
+                            progress=False, engine="upq")  # the hooks see transformers' forward
     finally:
         handle.remove()
         spy.remove()
@@ -129,7 +129,8 @@ def test_continuous_batching_matches_hf_generate(tiny_model, monkeypatch, small_
         lambda m, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape[0])
         if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
     try:
-        gens = generate_ids(model, tok, MANY_PROMPTS, max_new_tokens=12, batch_size=4, progress=False)
+        gens = generate_ids(model, tok, MANY_PROMPTS, max_new_tokens=12, batch_size=4, progress=False,
+                            engine="upq")
         spy.remove()
         expected = [_hf_greedy(model, tok, p, 12) for p in MANY_PROMPTS]
     finally:

@@ -61,6 +61,9 @@ def native_decode_reason(model: nn.Module) -> str | None:
         return "the model has no model.layers / model.embed_tokens"
     if any(p.device.type != "cpu" for p in model.parameters()):
         return "the model is not on the CPU"
+    wide = next((p.dtype for p in model.parameters() if p.dtype == torch.float64), None)
+    if wide is not None:
+        return "the model is float64; the native decoder computes in float32"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r} (the native decoder runs SiLU MLPs)"
     rope = getattr(body, "rotary_emb", None)

@@ -24,8 +24,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a short story about a robot who learns to paint. Describe the colours it discovers."
 
-# name: (model, dtype, backend, cache, engine); "upq" engine = upq.interactive's lean decode loop
+# name: (model, dtype, backend, cache, engine); "upq" engine = upq.interactive's lean decode loop over
+# transformers' forward, "native" = the whole forward in C++ (upq.native_decode), "hf" = generate()
 VARIANTS = {
+    "fp32-native-decoder": ("original", "float32", None, "dynamic", "native"),
+    "upq-int2-native-decoder": ("int2", "float32", "native", "dynamic", "native"),
+    "upq-int2-head4-native-decoder": ("int2-head4", "float32", "native", "dynamic", "native"),
     "fp32": ("original", "float32", None, "dynamic", "upq"),
     "fp32-hf-generate": ("original", "float32", None, "dynamic", "hf"),
     "bf16": ("original", "bfloat16", None, "dynamic", "upq"),
@@ -123,7 +127,9 @@ def child(name: str, tokens: int, repeats: int) -> dict:
     runs = [stream_generate(model, tokenizer, ids, settings, engine=engine)[1] for _ in range(repeats)]
     best = max(runs, key=lambda s: s.decode_tokens_per_s)
     new_ids, _ = stream_generate(model, tokenizer, ids, SamplingSettings(max_new_tokens=24, cache=cache), engine=engine)
+    breakdown = native_breakdown(model, ids, tokens) if engine == "native" else None
     return {
+        "breakdown_ms_per_token": breakdown,
         "variant": name,
         "model": kind,
         "dtype": dtype_name,
@@ -144,6 +150,67 @@ def child(name: str, tokens: int, repeats: int) -> dict:
         "sample": tokenizer.decode(new_ids, skip_special_tokens=True)[:120],
         "threads": torch.get_num_threads(),
     }
+
+
+def native_breakdown(model, ids: list[int], tokens: int) -> dict[str, float]:
+    """ms per decoded token in each part of the native forward, and the rest of the loop
+    (``overhead``: Python, argmax, the call itself), from one extra greedy run with profiling on."""
+    import time
+
+    from upq.native_decode import native_decoder
+
+    decoder = native_decoder(model)
+    decoder.reset(1, len(ids) + tokens)
+    token = int(decoder.prefill(0, ids).argmax())
+    decoder.set_profile(True)
+    decoder.take_profile()
+    start = time.perf_counter()
+    for i in range(tokens - 1):
+        token = int(decoder.forward([token], [0], [len(ids) + i], [0])[0].argmax())
+    total = (time.perf_counter() - start) * 1000 / (tokens - 1)
+    decoder.set_profile(False)
+    parts = {k: v * 1000 / (tokens - 1) for k, v in decoder.take_profile().items()}
+    parts["overhead"] = total - sum(parts.values())
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+BREAKDOWN_PARTS = ("linears", "lm_head", "attention", "norms", "mlp_activation", "residual", "embedding", "overhead")
+
+
+def breakdown_lines(rows: dict) -> list[str]:
+    """The per-part table of the native-decoder rows."""
+    native = {n: r for n, r in rows.items() if r.get("breakdown_ms_per_token")}
+    if not native:
+        return []
+    lines = ["", "Where a token's time goes in the native decoder (one extra profiled run, ms/token; `linears` = the "
+             "packed kernel or at::linear calls of the decoder's projections, `attention` includes rotary and the "
+             "cache writes, `overhead` = the Python loop, argmax and the call):", "",
+             "| variant | " + " | ".join(BREAKDOWN_PARTS) + " | total |", "|---|" + "---:|" * (len(BREAKDOWN_PARTS) + 1)]
+    for name, r in native.items():
+        b = r["breakdown_ms_per_token"]
+        total = sum(b.values())
+        cells = [f"{b.get(p, 0.0):.2f} ({100 * b.get(p, 0.0) / total:.0f}%)" for p in BREAKDOWN_PARTS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {total:.2f} |")
+    return lines
+
+
+# our variant -> the llama.cpp file holding the same model
+LLAMACPP_TWINS = {"upq-int2-native-decoder": "upq-int2", "upq-int2-head4-native-decoder": "upq-int2-head4",
+                  "fp32-native-decoder": "f32"}
+
+
+def llamacpp_lines(rows: dict, llamacpp: dict | None) -> list[str]:
+    """Our native-decoder rows beside llama.cpp running the GGUF export of the same model."""
+    if not llamacpp:
+        return []
+    lines = ["", f"Against llama.cpp on the same machine, run back to back (llama-cpp-python "
+             f"{llamacpp['llama_cpp_python']}, same prompt and token count, `llamacpp_decode.json`):", "",
+             "| model | upq native decoder tokens/s | llama.cpp tokens/s (same model as GGUF) | ratio |", "|---|---:|---:|---:|"]
+    for ours, theirs in LLAMACPP_TWINS.items():
+        if ours in rows and theirs in llamacpp["rows"]:
+            a, b = rows[ours]["decode_tokens_per_s"], llamacpp["rows"][theirs]["decode_tokens_per_s"]
+            lines.append(f"| {theirs} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    return lines
 
 
 def to_markdown(res: dict) -> str:
@@ -173,7 +240,7 @@ def to_markdown(res: dict) -> str:
             if fp32 and bf16 else f"| {name} | {r['weights_mib']} | {t:.1f} | {r['ms_per_token']:.1f} | | | "
             f"{r['prefill_s']:.3f} | {r['rss_after_generate_mib']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
-    best = rows.get("upq-int2-native-fused") or rows.get("upq-int2-native")
+    best = rows.get("upq-int2-native-decoder") or rows.get("upq-int2-native-fused") or rows.get("upq-int2-native")
     floor = rows.get("floor-fp32-free-linears")
     if best and fp32 and bf16:
         t = best["decode_tokens_per_s"]
@@ -194,6 +261,7 @@ def to_markdown(res: dict) -> str:
                   f"{head['decode_tokens_per_s']:.1f} tokens/s against {best['decode_tokens_per_s']:.1f} with the float "
                   f"head ({best['ms_per_token'] - head['ms_per_token']:.1f} ms/token less); what it costs in quality is in "
                   "`head_quality.md`."]
+    lines += breakdown_lines(rows) + llamacpp_lines(rows, res.get("llamacpp"))
     hf, lean = rows.get("upq-int2-native-hf-generate"), rows.get("upq-int2-native")
     if hf and lean:
         lines += ["", f"Decode loop: transformers' generate() costs {hf['ms_per_token'] - lean['ms_per_token']:.1f} "
@@ -208,6 +276,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "decode"))
+    parser.add_argument("--llamacpp", help="llamacpp_decode.py's JSON from a run just before, shown beside ours")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.tokens, args.repeats)))
@@ -229,7 +298,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     res = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
            "transformers": transformers.__version__, "tokens": args.tokens, "repeats": args.repeats,
-           "prompt": PROMPT, "rows": rows}
+           "prompt": PROMPT, "rows": rows,
+           "llamacpp": json.loads(Path(args.llamacpp).read_text()) if args.llamacpp else None}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")

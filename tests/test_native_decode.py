@@ -162,3 +162,34 @@ def test_bundled_model_greedy_tokens_equal_transformers() -> None:
     native_ids, _ = stream_generate(model, tokenizer, prompt, settings, engine="native")
     upq_ids, _ = stream_generate(model, tokenizer, prompt, settings, engine="upq")
     assert native_ids == upq_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,features,batch", [(37, 576, 1), (64, 35, 3), (9, 1000, 6), (5, 32, 4)])
+def test_dense_gemv_matches_matmul(dtype, rows, features, batch) -> None:
+    gemv = upq.kernels.load_native().dense_gemv
+    torch.manual_seed(rows)
+    w, x, bias = torch.randn(rows, features).to(dtype), torch.randn(batch, features), torch.randn(rows)
+    expected = x @ w.float().t()
+    torch.testing.assert_close(gemv(x, w), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gemv(x, w, bias), expected + bias, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="features"):
+        gemv(x[:, 1:], w)
+
+
+def test_bfloat16_valued_weights_are_read_as_bfloat16(tiny_model) -> None:
+    """A float head whose values are all bfloat16 (as a upq checkpoint stores them) is streamed in
+    half the bytes with the float32 model's logits; other weights stay float32, shared."""
+    from upq.native_decode import _dense_weight
+
+    model, _ = tiny_model
+    exact = model.lm_head.weight.detach().to(torch.bfloat16).float()
+    assert _dense_weight(exact).dtype == torch.bfloat16
+    assert _dense_weight(model.lm_head.weight).data_ptr() == model.lm_head.weight.data_ptr()  # not copied
+    with torch.no_grad():
+        model.lm_head.weight.copy_(exact)
+        ids = torch.randint(3, 300, (1, 9))
+        reference = model(ids).logits[0]
+    decoder = NativeDecoder(model)
+    decoder.reset(1, 9)
+    torch.testing.assert_close(_all_logits(decoder, ids[0].tolist()), reference, atol=1e-4, rtol=1e-4)

@@ -80,13 +80,24 @@ def native_decode_reason(model: nn.Module) -> str | None:
     return _linear_reason("lm_head", head)
 
 
+def _dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A float weight as the native decoder reads it: bfloat16 when every value is a bfloat16
+    (a upq checkpoint stores its float tensors so; widening back is exact, and decode reads half
+    the bytes), else float32 (shared with the model, not copied, when it is float32 already)."""
+    weight = weight.detach()
+    if weight.dtype == torch.bfloat16:
+        return weight.contiguous()
+    weight = weight.float().contiguous()
+    narrow = weight.to(torch.bfloat16)
+    return narrow if torch.equal(narrow.float(), weight) else weight
+
+
 def _native_linear(layer: nn.Module) -> Any:
-    """The C++ ``DecoderLinear`` of one ``nn.Linear`` or ``PackedLinear`` (float weights are
-    shared, not copied, when they are float32 already)."""
+    """The C++ ``DecoderLinear`` of one ``nn.Linear`` or ``PackedLinear``."""
     mod = load_native()
     if type(layer) is nn.Linear:
         bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
-        return mod.DecoderLinear(layer.weight.detach().float().contiguous(), None, None, bias, -1, 0, 0)
+        return mod.DecoderLinear(_dense_weight(layer.weight), None, None, bias, -1, 0, 0, GEMV_MAX_BATCH)
     bias = None if layer.bias is None else layer.bias.float().contiguous()
     return mod.DecoderLinear(layer.qweight, layer.scale, layer.zero, bias, layer.spec.impl.kernel_id,
                              layer.spec.bits, layer.spec.group_len(layer.in_features), GEMV_MAX_BATCH)

@@ -27,7 +27,7 @@ import torch
 from ..assets import cache_dir
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("upq_cpu.cpp", "llama_decoder.cpp")
+SOURCES = ("upq_cpu.cpp", "llama_decoder.cpp", "dense_gemv.cpp")
 DEPENDS = ("kernels.h", "kernel_body.inc", "group_params.inc")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)

@@ -28,6 +28,7 @@ namespace upq {
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                          const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t grid,
                          int64_t bits, int64_t group_len, int64_t isa_req, int64_t gemv_max_batch);
+at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 
 namespace {
 
@@ -37,13 +38,16 @@ c10::optional<at::Tensor> maybe(const at::Tensor& t) { return t.defined() ? c10:
 
 // One linear layer: packed codes (grid >= 0) or a float weight (grid < 0), optional bias.
 struct DecoderLinear {
-  at::Tensor weight;  // packed: uint8 qweight (N, row bytes); float: float32 (N, K)
+  at::Tensor weight;  // packed: uint8 qweight (N, row bytes); float: float32 or bfloat16 (N, K)
   at::Tensor scale, zero, bias;
   int64_t grid = -1, bits = 0, group_len = 0, gemv_max_batch = 16;
 
   at::Tensor operator()(const at::Tensor& x) const {
-    if (grid < 0) return bias.defined() ? at::linear(x, weight, bias) : at::linear(x, weight);
-    return packed_linear(x, weight, scale, maybe(zero), maybe(bias), grid, bits, group_len, -1, gemv_max_batch);
+    if (grid >= 0)
+      return packed_linear(x, weight, scale, maybe(zero), maybe(bias), grid, bits, group_len, -1, gemv_max_batch);
+    if (x.size(0) <= gemv_max_batch) return dense_gemv(x, weight, maybe(bias));  // decode: stream W once
+    const at::Tensor w = weight.scalar_type() == at::kFloat ? weight : weight.to(at::kFloat);
+    return bias.defined() ? at::linear(x, w, bias) : at::linear(x, w);
   }
 };
 
@@ -316,6 +320,8 @@ class LlamaDecoder {
 };
 
 void bind_decoder(py::module& m) {
+  m.def("dense_gemv", &dense_gemv, "x @ W^T (+bias) for a few float32 rows and a float32/bfloat16 W", py::arg("x"),
+        py::arg("w"), py::arg("bias") = c10::nullopt);
   py::class_<DecoderLinear>(m, "DecoderLinear")
       .def(py::init([](at::Tensor weight, c10::optional<at::Tensor> scale, c10::optional<at::Tensor> zero,
                        c10::optional<at::Tensor> bias, int64_t grid, int64_t bits, int64_t group_len,

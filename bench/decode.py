@@ -183,7 +183,7 @@ def breakdown_lines(rows: dict) -> list[str]:
     if not native:
         return []
     lines = ["", "Where a token's time goes in the native decoder (one extra profiled run, ms/token; `linears` = the "
-             "packed kernel or at::linear calls of the decoder's projections, `attention` includes rotary and the "
+             "packed kernel (dense_gemv for float weights) on the decoder's projections, `attention` includes rotary and the "
              "cache writes, `overhead` = the Python loop, argmax and the call):", "",
              "| variant | " + " | ".join(BREAKDOWN_PARTS) + " | total |", "|---|" + "---:|" * (len(BREAKDOWN_PARTS) + 1)]
     for name, r in native.items():
@@ -240,27 +240,28 @@ def to_markdown(res: dict) -> str:
             if fp32 and bf16 else f"| {name} | {r['weights_mib']} | {t:.1f} | {r['ms_per_token']:.1f} | | | "
             f"{r['prefill_s']:.3f} | {r['rss_after_generate_mib']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
-    best = rows.get("upq-int2-native-decoder") or rows.get("upq-int2-native-fused") or rows.get("upq-int2-native")
-    floor = rows.get("floor-fp32-free-linears")
+    native = rows.get("upq-int2-native-decoder")
+    best = native or rows.get("upq-int2-native-fused") or rows.get("upq-int2-native")
     if best and fp32 and bf16:
         t = best["decode_tokens_per_s"]
         lines += ["", f"Targets: upq INT2 ({best['variant']}) vs FP32 {t / fp32:.2f}x (target >= 3x: "
                   f"{'met' if t >= 3 * fp32 else 'missed by ' + format(3 * fp32 / t, '.2f') + 'x'}); "
                   f"vs bf16 {t / bf16:.2f}x (target > 1x: {'met' if t > bf16 else 'missed'})."]
-    if best and floor and fp32:
-        f_ms, b_ms = floor["ms_per_token"], best["ms_per_token"]
-        lines += ["", f"Overhead floor: with every decoder linear replaced by a free stub, the FP32 model still "
-                  f"needs {f_ms:.1f} ms/token ({floor['decode_tokens_per_s']:.0f} tokens/s): the per-token Python "
-                  f"and dispatch work of transformers' Llama forward, attention, norms, rotary embeddings and the "
-                  f"FP32 lm_head (49152 x 576). {best['variant']} spends {b_ms:.1f} ms/token, so its packed "
-                  f"matmuls (calls included) cost about {b_ms - f_ms:.1f} ms/token. No kernel can beat "
-                  f"{1000 / f_ms / fp32:.2f}x FP32 on this stack; the gap to 3x is the floor, not the matmuls."]
+    transformers_int2 = rows.get("upq-int2-native-fused") or rows.get("upq-int2-native")
+    floor = rows.get("floor-fp32-free-linears")
+    if transformers_int2 and floor and fp32:
+        f_ms, b_ms = floor["ms_per_token"], transformers_int2["ms_per_token"]
+        lines += ["", f"Overhead floor of the transformers forward: with every decoder linear replaced by a free stub, "
+                  f"the FP32 model still needs {f_ms:.1f} ms/token ({floor['decode_tokens_per_s']:.0f} tokens/s): "
+                  f"per-token Python and dispatch work, attention, norms, rotary embeddings and the FP32 lm_head "
+                  f"(49152 x 576). {transformers_int2['variant']} spends {b_ms:.1f} ms/token on that forward"
+                  + (f"; the native decoder runs the same model in {native['ms_per_token']:.1f} ms/token, below the "
+                     "transformers floor." if native else ".")]
     head = rows.get("upq-int2-head4-native-fused")
-    if head and best:
-        lines += ["", f"Packed lm_head (the `lm-head` stage, asym INT4 g32, untied from the embedding): "
-                  f"{head['decode_tokens_per_s']:.1f} tokens/s against {best['decode_tokens_per_s']:.1f} with the float "
-                  f"head ({best['ms_per_token'] - head['ms_per_token']:.1f} ms/token less); what it costs in quality is in "
-                  "`head_quality.md`."]
+    if head and transformers_int2:
+        lines += ["", f"Packed lm_head (the `lm-head` stage, asym INT4 g32, untied from the embedding), transformers "
+                  f"forward: {head['decode_tokens_per_s']:.1f} tokens/s against {transformers_int2['decode_tokens_per_s']:.1f} "
+                  f"with the float head; what it costs in quality is in `head_quality.md`."]
     lines += breakdown_lines(rows) + llamacpp_lines(rows, res.get("llamacpp"))
     hf, lean = rows.get("upq-int2-native-hf-generate"), rows.get("upq-int2-native")
     if hf and lean:

@@ -83,10 +83,20 @@ def test_cache_bounds_and_reserve(tiny_model) -> None:
         decoder.forward([10**6], [0], [0], [0])
     with pytest.raises(RuntimeError, match="logit row 1 outside"):
         decoder.forward([ids[0]], [1], [0], [1])
+    with pytest.raises(RuntimeError, match="position 3 of slot 1 skips uncached positions \\(the slot holds 0\\)"):
+        decoder.forward([ids[0]], [1], [3], [0])
     decoder.reserve(16)  # keeps the 8 cached positions
     rest = decoder.forward(ids[8:], [0] * 4, list(range(8, 12)), list(range(4)))
     decoder.reset(1, 12)
-    torch.testing.assert_close(torch.cat([first, rest]), _all_logits(decoder, ids), atol=1e-5, rtol=1e-5)
+    whole = _all_logits(decoder, ids)
+    torch.testing.assert_close(torch.cat([first, rest]), whole, atol=1e-5, rtol=1e-5)
+    # writing position 5 again rewinds the slot: 5.. are recomputed, 9.. must be written again
+    other = decoder.forward([7, 8], [0, 0], [5, 6], [0, 1])
+    with pytest.raises(RuntimeError, match="position 8 of slot 0 skips"):
+        decoder.forward([9], [0], [8], [0])
+    again = decoder.forward(ids[5:], [0] * 7, list(range(5, 12)), list(range(7)))
+    torch.testing.assert_close(again, whole[5:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(other[1], whole[6])
 
 
 def test_unsupported_models_fall_back_to_transformers(tiny_model) -> None:

@@ -76,8 +76,17 @@ struct DecoderShape {
 
 namespace {
 
+// The helpers below are compiled for AVX-512, AVX2 and baseline x86-64 (GCC function
+// multiversioning; the loader picks the best the CPU has): the extension's own flags target the
+// baseline, where these loops would vectorize only 4 wide.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define UPQ_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define UPQ_MULTIVERSION
+#endif
+
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, rows of length n.
-void rms_norm(const float* x, const float* w, int64_t rows, int64_t n, double eps, float* out) {
+UPQ_MULTIVERSION void rms_norm(const float* x, const float* w, int64_t rows, int64_t n, double eps, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
     float ss = 0.f;
@@ -91,11 +100,58 @@ void rms_norm(const float* x, const float* w, int64_t rows, int64_t n, double ep
 }
 
 // Llama's rotate-half rotary embedding of one head vector in place.
-void rotate(float* v, const float* cos_t, const float* sin_t, int64_t half) {
+UPQ_MULTIVERSION void rotate(float* v, const float* cos_t, const float* sin_t, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
     const float a = v[i], b = v[i + half];
     v[i] = a * cos_t[i] - b * sin_t[i];
     v[i + half] = b * cos_t[i] + a * sin_t[i];
+  }
+}
+
+// Causal attention of `group` query heads that share one key/value head, over the n cached
+// positions k/v (n, D): out[h] = softmax(q[h] . k^T * scale) v. Each key and value row is read
+// once for the whole group. p: scratch of group * n floats.
+UPQ_MULTIVERSION void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D, int64_t group,
+                             float scale, float* p, float* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* kt = k + t * D;
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = q + h * D;
+      float d = 0.f;
+#pragma omp simd reduction(+ : d)
+      for (int64_t e = 0; e < D; ++e) d += qh[e] * kt[e];
+      p[h * n + t] = d * scale;
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    float* ph = p + h * n;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) top = std::max(top, ph[t]);
+    float total = 0.f;
+    for (int64_t t = 0; t < n; ++t) total += (ph[t] = std::exp(ph[t] - top));
+    const float inv = 1.f / total;
+    for (int64_t t = 0; t < n; ++t) ph[t] *= inv;
+    std::fill(out + h * D, out + (h + 1) * D, 0.f);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const float* vt = v + t * D;
+    for (int64_t h = 0; h < group; ++h) {
+      const float pt = p[h * n + t];
+      float* o = out + h * D;
+#pragma omp simd
+      for (int64_t e = 0; e < D; ++e) o[e] += pt * vt[e];
+    }
+  }
+}
+
+// SiLU(gate) * up for rows of (gate | up), each half of width I.
+UPQ_MULTIVERSION void silu_mul(const float* gu, int64_t rows, int64_t I, float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* g = gu + i * 2 * I;
+    const float* u = g + I;
+    float* o = out + i * I;
+#pragma omp simd
+    for (int64_t j = 0; j < I; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
   }
 }
 
@@ -147,6 +203,7 @@ class LlamaDecoder {
     const int64_t L = static_cast<int64_t>(layers_.size());
     k_ = at::empty({L, slots, s_.kv_heads, capacity, s_.head_dim}, opts);
     v_ = at::empty({L, slots, s_.kv_heads, capacity, s_.head_dim}, opts);
+    lengths_.assign(static_cast<size_t>(slots), 0);
   }
 
   // Grow every slot to hold `capacity` positions, keeping what is cached.
@@ -175,7 +232,8 @@ class LlamaDecoder {
   // Run `tokens` (M,) at `positions` (M,) of `slots` (M,) through the model, writing their keys
   // and values to the cache; return float32 logits (R, vocab) of the tokens `logit_rows` (R,).
   // Every earlier position of a token's slot must already be cached (by this or an earlier call;
-  // within a call, tokens of one slot must come in position order).
+  // within a call, tokens of one slot come in position order). Writing position p ends the slot's
+  // sequence at p: an earlier position rewinds it (e.g. a conversation re-prefilled from 0).
   at::Tensor forward(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions,
                      const at::Tensor& logit_rows) {
     TORCH_CHECK(k_.defined(), "LlamaDecoder.forward: call reset() first");
@@ -188,11 +246,16 @@ class LlamaDecoder {
     const int64_t* tp = tok.data_ptr<int64_t>();
     const int64_t* sp = slt.data_ptr<int64_t>();
     const int64_t* pp = pos.data_ptr<int64_t>();
+    std::vector<int64_t> lengths = lengths_;
     for (int64_t i = 0; i < M; ++i) {
       TORCH_CHECK(tp[i] >= 0 && tp[i] < V, "LlamaDecoder.forward: token id ", tp[i], " outside the vocabulary of ", V);
       TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "LlamaDecoder.forward: slot ", sp[i], " outside the ", S, " slots");
       TORCH_CHECK(pp[i] >= 0 && pp[i] < cap, "LlamaDecoder.forward: position ", pp[i], " outside the cache of ", cap,
                   " positions (call reserve())");
+      int64_t& length = lengths[static_cast<size_t>(sp[i])];
+      TORCH_CHECK(pp[i] <= length, "LlamaDecoder.forward: position ", pp[i], " of slot ", sp[i],
+                  " skips uncached positions (the slot holds ", length, ")");
+      length = pp[i] + 1;
     }
     const int64_t* kp = keep.data_ptr<int64_t>();
     for (int64_t r = 0; r < keep.numel(); ++r)
@@ -247,30 +310,13 @@ class LlamaDecoder {
       }
       float* ap = attn.data_ptr<float>();
       const int64_t work = M * nq * longest * D;
-      at::parallel_for(0, M * nq, work < (int64_t{1} << 18) ? M * nq + 1 : 1, [&](int64_t w0, int64_t w1) {
-        std::vector<float> p(static_cast<size_t>(longest));
+      at::parallel_for(0, M * nkv, work < (int64_t{1} << 18) ? M * nkv + 1 : 1, [&](int64_t w0, int64_t w1) {
+        std::vector<float> p(static_cast<size_t>(group * longest));
         for (int64_t w = w0; w < w1; ++w) {
-          const int64_t i = w / nq, hq = w % nq, g = hq / group, n = pp[i] + 1;
-          const float* q = qp + i * width + hq * D;
-          const float* kb = kc + (sp[i] * nkv + g) * cap * D;
-          const float* vb = vc + (sp[i] * nkv + g) * cap * D;
-          float top = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < n; ++t) {
-            float d = 0.f;
-#pragma omp simd reduction(+ : d)
-            for (int64_t e = 0; e < D; ++e) d += q[e] * kb[t * D + e];
-            p[t] = d * scale;
-            top = std::max(top, p[t]);
-          }
-          float total = 0.f;
-          for (int64_t t = 0; t < n; ++t) total += (p[t] = std::exp(p[t] - top));
-          float* o = ap + i * nq * D + hq * D;
-          std::fill(o, o + D, 0.f);
-          for (int64_t t = 0; t < n; ++t) {
-            const float pt = p[t] / total;
-#pragma omp simd
-            for (int64_t e = 0; e < D; ++e) o[e] += pt * vb[t * D + e];
-          }
+          const int64_t i = w / nkv, g = w % nkv;
+          const int64_t base = (sp[i] * nkv + g) * cap * D;
+          attend(qp + i * width + g * group * D, kc + base, vc + base, pp[i] + 1, D, group, scale, p.data(),
+                 ap + i * nq * D + g * group * D);
         }
       });
       clock_.mark("attention");
@@ -284,13 +330,7 @@ class LlamaDecoder {
       clock_.mark("linears");
       const int64_t I = s_.intermediate;
       at::Tensor act = at::empty({M, I}, f32);
-      const float* gp = gu.data_ptr<float>();
-      float* actp = act.data_ptr<float>();
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < I; ++j) {
-          const float gate = gp[i * 2 * I + j];
-          actp[i * I + j] = gate / (1.f + std::exp(-gate)) * gp[i * 2 * I + I + j];
-        }
+      silu_mul(gu.data_ptr<float>(), M, I, act.data_ptr<float>());
       clock_.mark("mlp_activation");
       at::Tensor down = L.down(act);
       clock_.mark("linears");
@@ -298,6 +338,7 @@ class LlamaDecoder {
       clock_.mark("residual");
     }
 
+    lengths_ = lengths;
     at::Tensor last = h.index_select(0, keep).contiguous();
     at::Tensor normed = at::empty_like(last);
     rms_norm(last.data_ptr<float>(), final_norm_.data_ptr<float>(), last.size(0), H, s_.eps, normed.data_ptr<float>());
@@ -315,6 +356,7 @@ class LlamaDecoder {
   at::Tensor inv_freq_;
   DecoderShape s_;
   at::Tensor k_, v_;  // (layers, slots, kv_heads, capacity, head_dim)
+  std::vector<int64_t> lengths_;  // cached positions per slot
   bool profile_ = false;
   PartClock clock_;
 };

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -86,12 +87,82 @@ def _trainer_rate(batch: int, seq_len: int, steps: int, mixed_precision: str, te
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _trainer_rate_subprocess(args: argparse.Namespace, mixed_precision: str, teacher_dtype: str) -> dict:
-    """:func:`_trainer_rate` in a fresh interpreter, so its peak RSS is the training process's own."""
-    cmd = [sys.executable, __file__, "--trainer-row", mixed_precision, teacher_dtype, "--batch", str(args.batch),
+PARTS = ("teacher_forward", "student_forward", "loss", "backward", "optimizer", "data")
+
+
+def _peak_rss_since_reset_mib() -> float:
+    """VmHWM (peak RSS since the last ``clear_refs`` reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _trainer_profile(batch: int, seq_len: int, steps: int, mixed_precision: str, teacher_dtype: str) -> dict:
+    """Seconds per step in each labelled part of the trainer's step (``torch.profiler``, steps 2..),
+    the step's tokens/s and the peak RSS while stepping (run this in a fresh process)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    work = Path(tempfile.mkdtemp(prefix="upq-bench-distill-"))
+    prof = profile(activities=[ProfilerActivity.CPU])
+    try:
+        cfg = DistillConfig(student_init="direct", data=DataConfig(kind="text", seq_len=seq_len, heldout_samples=0),
+                            steps=steps + 1, batch_size=batch, loss="gjsd", beta=0.5, log_every=1,
+                            save_every=10_000, mixed_precision=mixed_precision, teacher_dtype=teacher_dtype, cpu=True)
+        peak_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        warm_peak = [0.0]
+
+        def on_step(record: dict) -> None:
+            if record["step"] == 1:  # after the warm-up step: profile and measure the steady peak from here
+                warm_peak[0] = _peak_rss_since_reset_mib()
+                Path("/proc/self/clear_refs").write_text("5")
+                prof.start()
+            elif record["step"] == steps + 1:
+                prof.stop()
+
+        distill(cfg, None, work, on_step=on_step)
+        records = [r for r in read_metrics(work) if r["step"] > 1]
+        totals = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages() if e.key.startswith("distill.")}
+        return {"parts_s_per_step": {p: round(totals.get(f"distill.{p}", 0.0), 3) for p in PARTS},
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+                "step_peak_rss_mib": round(_peak_rss_since_reset_mib(), 1),
+                "process_peak_rss_mib": round(max(warm_peak[0], _peak_rss_since_reset_mib()), 1),
+                "peak_rss_before_training_mib": round(peak_at_start, 1)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: str, teacher_dtype: str) -> dict:
+    """:func:`_trainer_rate` (``mode="rate"``) or :func:`_trainer_profile` (``"profile"``) in a fresh
+    interpreter, so its peak RSS is the training process's own."""
+    cmd = [sys.executable, __file__, f"--trainer-{mode}", mixed_precision, teacher_dtype, "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def write_profile(args: argparse.Namespace, prof: dict) -> None:
+    """``NAME.json`` / ``.md``: the fp32 distill step by part."""
+    report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
+              "batch": args.batch, "seq_len": args.seq_len, "profiled_steps": args.steps, **prof,
+              "command": f"python bench/distill_throughput.py --profile-only --name {args.name}"}
+    RESULTS.mkdir(exist_ok=True)
+    write_json_atomic(RESULTS / f"{args.name}.json", report)
+    m, parts = report["machine"], prof["parts_s_per_step"]
+    step = sum(parts.values())
+    lines = [f"# Distill step by part: SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores, CPU only)", "",
+             f"One fp32 distillation step of the real trainer (teacher fp32, gJSD 0.5, AdamW), batch {args.batch} x "
+             f"{args.seq_len} tokens; `torch.profiler` over {args.steps} steps after one warm-up, seconds per step "
+             f"in each labelled part (`record_function` in `distill/trainer.py`). `{report['command']}`, idle machine.", "",
+             "| part | s / step | share |", "|---|---:|---:|"]
+    lines += [f"| {p} | {v:.3f} | {100 * v / step:.0f}% |" for p, v in parts.items()]
+    lines += [f"| **step (sum of parts)** | **{step:.3f}** | |", "",
+              f"Tokens/s (trainer's own clock, median of the profiled steps): **{prof['tokens_per_s']:.1f}**. "
+              f"Peak RSS while stepping (after the warm-up step): **{prof['step_peak_rss_mib']:.0f} MiB**; "
+              f"process peak including loading: {prof['process_peak_rss_mib']:.0f} MiB "
+              f"({prof['peak_rss_before_training_mib']:.0f} MiB before the trainer started)."]
+    write_text_atomic(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -101,10 +172,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the fwd+bwd rows (best of)")
     parser.add_argument("--name", default="distill_throughput")
-    parser.add_argument("--trainer-row", nargs=2, metavar=("MIXED_PRECISION", "TEACHER_DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only the fp32 distill step, profiled by part (writes NAME.json / .md)")
+    parser.add_argument("--trainer-rate", nargs=2, metavar=("MIXED_PRECISION", "TEACHER_DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--trainer-profile", nargs=2, metavar=("MIXED_PRECISION", "TEACHER_DTYPE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.trainer_row:
-        print(json.dumps(_trainer_rate(args.batch, args.seq_len, args.steps, *args.trainer_row)))
+    if args.trainer_rate:
+        print(json.dumps(_trainer_rate(args.batch, args.seq_len, args.steps, *args.trainer_rate)))
+        return
+    if args.trainer_profile:
+        print(json.dumps(_trainer_profile(args.batch, args.seq_len, args.steps, *args.trainer_profile)))
+        return
+    if args.profile_only:
+        write_profile(args, _trainer_subprocess(args, "profile", "no", "float32"))
         return
 
     load_before = os.getloadavg()
@@ -133,10 +214,10 @@ def main() -> None:
     add("INT2 fake-quant fp32 fwd+bwd", fq32, f"fake-quant overhead x{plain32 / fq32:.2f} vs plain fp32")
     add("INT2 fake-quant bf16-autocast fwd+bwd", fq16, f"fake-quant overhead x{plain_ac / fq16:.2f} vs plain bf16 autocast")
     del models
-    fp32 = _trainer_rate_subprocess(args, "no", "float32")
+    fp32 = _trainer_subprocess(args, "rate", "no", "float32")
     add("distill step fp32 (teacher fp32, gJSD, AdamW)", fp32["tokens_per_s"],
         f"x{plain32 / fp32['tokens_per_s']:.2f} slower than plain fp32 fwd+bwd", fp32["memory_mib"])
-    bf16 = _trainer_rate_subprocess(args, "bf16", "bfloat16")
+    bf16 = _trainer_subprocess(args, "rate", "bf16", "bfloat16")
     add("distill step bf16 autocast (teacher bf16, gJSD, AdamW)", bf16["tokens_per_s"],
         f"x{plain_ac / bf16['tokens_per_s']:.2f} slower than plain bf16-autocast fwd+bwd", bf16["memory_mib"])
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),

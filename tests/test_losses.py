@@ -377,6 +377,39 @@ def test_chunked_equals_unchunked(name, kw, chunk):
     torch.testing.assert_close(val, ref.detach(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name,kw", [("gjsd", {"beta": 0.1}), ("cakld", {"gamma": 0.6}), ("ntp", {})])
+def test_gradcheck_chunked_frozen_head(name, kw):
+    """A head without trainable parameters takes the fused path (gradient computed in the forward)."""
+    g = torch.Generator().manual_seed(7)
+    h_s = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w_s, w_t = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    h_t = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (2, 4), generator=g)
+    mask = torch.tensor([[False, True, True, True], [True, True, False, True]])
+    assert torch.autograd.gradcheck(
+        lambda hs: chunked_loss(name, hs, h_t, _linear_head(w_s), _linear_head(w_t), mask, labels=labels,
+                                chunk_tokens=2, **kw), (h_s,))
+
+
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_frozen_head_runs_each_chunk_once(head_trains):
+    """With a frozen head every chunk's logits are computed once (plus a one-row probe); with a
+    trainable one the checkpointed chunks are recomputed in backward. Same hidden gradients."""
+    torch.manual_seed(8)
+    head = torch.nn.Linear(8, 17).requires_grad_(head_trains)
+    calls = []
+    counted = lambda h: calls.append(h.shape[0]) or head(h)  # noqa: E731
+    teacher = torch.nn.Linear(8, 17).requires_grad_(False)
+    base, h_t = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    h = base.clone().requires_grad_()
+    chunked_loss("gjsd", h, h_t, counted, teacher, chunk_tokens=4, beta=0.5).backward()
+    chunks = [4, 4, 4]
+    assert calls == ([1] + chunks + chunks if head_trains else [1] + chunks)
+    ref = base.clone().requires_grad_()
+    get_loss("gjsd")(head(ref), teacher(h_t), beta=0.5).backward()
+    torch.testing.assert_close(h.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_chunked_errors():
     h = torch.randn(1, 4, 3)
     head = torch.nn.Linear(3, 5)

@@ -594,6 +594,34 @@ def estimate_cakld_gamma(
 # --------------------------------------------------------------------------------------------
 
 
+def _head_trains(head: Head, hidden: Tensor) -> bool:
+    """Whether ``head`` has parameters that take gradients (probed on one row)."""
+    with torch.enable_grad():
+        return head(hidden[:1].detach()).requires_grad
+
+
+class _HeadLossChunk(torch.autograd.Function):
+    """One chunk's summed loss, with its gradient w.r.t. the chunk's hidden states computed in the
+    forward pass (head, loss kernel, then the head's backward, while the chunk's logits exist) and
+    kept as an (n, H) tensor: the logits are computed once instead of again in a recomputing
+    backward. Only for heads without trainable parameters."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, chunk_sum: Callable[[Tensor], Tensor]) -> Tensor:
+        with torch.enable_grad():
+            x = hidden.detach().requires_grad_(True)
+            total = chunk_sum(x)
+            (grad,) = torch.autograd.grad(total, x)
+        ctx.save_for_backward(grad)
+        return total.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None
+
+
 def chunked_loss(
     loss: str | DistillLoss,
     student_hidden: Tensor,
@@ -620,6 +648,11 @@ def chunked_loss(
     the number of valid tokens). ``kw`` goes to the loss (``beta``, ``normalized``, ``gamma``).
     Measured (float32, H=576, V=49152, bench/loss_memory.py): about 1.5 GiB peak above the
     inputs with ``chunk_tokens=1024`` and 0.7 GiB with 256, flat in sequence length.
+
+    When the student head has no trainable parameters (the usual case: upq trains the decoder
+    linears, not the head), each chunk's gradient w.r.t. its hidden states is computed right away
+    (:class:`_HeadLossChunk`) instead of recomputing the chunk during backward: the same
+    gradients, with the head projections and the loss kernel run once instead of twice.
     """
     spec = get_loss(loss)
     if chunk_tokens < 1:
@@ -659,12 +692,18 @@ def chunked_loss(
                 t_logits = teacher_head(t_c)
         return spec.per_token(s_logits, t_logits, lab_c, **kw).sum()
 
-    use_ckpt = torch.is_grad_enabled()
+    training = torch.is_grad_enabled() and s_h.requires_grad
+    fused = training and n_valid > 0 and not _head_trains(student_head, s_h)
     total: Optional[Tensor] = None
     for start in range(0, n_valid, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         args = (s_h[sl], t_h[sl] if t_h is not None else None, lab[sl] if lab is not None else None)
-        part = checkpoint(chunk_sum, *args, use_reentrant=False) if use_ckpt else chunk_sum(*args)
+        if fused:
+            part = _HeadLossChunk.apply(args[0], lambda x, t=args[1], y=args[2]: chunk_sum(x, t, y))
+        elif training:
+            part = checkpoint(chunk_sum, *args, use_reentrant=False)
+        else:
+            part = chunk_sum(*args)
         total = part if total is None else total + part
     if total is None:  # no valid token: a zero that still belongs to the graph
         total = s_h.sum() * 0.0

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_quantized
@@ -231,25 +232,32 @@ class _Run:
     def train_step(self, step: int, gamma: float | None) -> dict[str, Any]:
         """Forward/backward over the step's micro-batches, clip, check, update. Returns metrics."""
         step_loss = self.cfg.build_loss(self.cfg.loss_at(step), gamma)
-        batches = self.micro_batches(step)
+        with record_function("distill.data"):
+            batches = self.micro_batches(step)
         n_loss, n_input = self._global_sum([sum(b.tokens for b in batches),
                                             sum(int(b.attention_mask.sum()) for b in batches)])
         if n_loss == 0:
             raise ValueError(f"step {step + 1}: the global batch has no loss tokens (check the data / masks)")
         loss_sum = 0.0
+        # record_function labels name the parts of a step for torch.profiler (bench/distill_throughput.py)
         for m, batch in enumerate(batches):
-            teacher_hidden = self._teacher_hidden(batch) if step_loss.needs_teacher else None
+            with record_function("distill.teacher_forward"):
+                teacher_hidden = self._teacher_hidden(batch) if step_loss.needs_teacher else None
             sync = m == len(batches) - 1
             with self.acc.no_sync(self.backbone) if not sync else nullcontext():
                 with self.autocast():
-                    hidden = self.backbone(batch.input_ids, batch.attention_mask)
-                    part = self._loss_sum(step_loss, hidden, batch, teacher_hidden)
-                self.acc.backward(part * (self.world / n_loss))
+                    with record_function("distill.student_forward"):
+                        hidden = self.backbone(batch.input_ids, batch.attention_mask)
+                    with record_function("distill.loss"):
+                        part = self._loss_sum(step_loss, hidden, batch, teacher_hidden)
+                with record_function("distill.backward"):
+                    self.acc.backward(part * (self.world / n_loss))
             loss_sum += float(part.detach())
         (loss_total,) = self._global_sum([loss_sum])
         loss = loss_total / n_loss
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(self.acc.clip_grad_norm_(self.params, max_norm))
+        with record_function("distill.optimizer"):
+            grad_norm = float(self.acc.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise NonFiniteLossError(
                 f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; training stopped. "
@@ -257,9 +265,10 @@ class _Run:
                 "(or check the data) and re-run to resume from it."
             )
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("distill.optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "loss_name": step_loss.name, "grad_norm": grad_norm, "loss_tokens": n_loss, "input_tokens": n_input,
                 "lr": next(iter(lrs.values())), "lr_weight": lrs.get("weights"), "lr_scale": lrs.get("scales")}
 

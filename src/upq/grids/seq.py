@@ -35,24 +35,35 @@ def seq_levels(codes: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Ten
 
 
 class _SEQFakeQuant(torch.autograd.Function):
-    """Forward: SEQ quantize-dequantize. Backward: STE for W, LSQ-style gradient for Delta."""
+    """Forward: SEQ quantize-dequantize. Backward: STE for W, LSQ-style gradient for Delta.
+
+    Only W and Delta are kept for backward (W is the trainable parameter itself, so nothing is
+    added): the scaled weight, its levels and the clip mask are recomputed there, which costs a
+    few elementwise passes and saves three weight-sized tensors per layer during training.
+    """
+
+    @staticmethod
+    def _levels(w: torch.Tensor, delta: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = w / delta
+        q = torch.clamp(x, -1 + EPS, 1 - EPS).mul_(n).sub_(0.5).round_().add_(0.5).div_(n)
+        return x, q
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, delta: torch.Tensor, bits: int, grad_scale: float) -> torch.Tensor:
         n = _half_levels(bits)
-        x = w / delta
-        inside = (x > -1 + EPS) & (x < 1 - EPS)
-        q = (torch.round(n * torch.clamp(x, -1 + EPS, 1 - EPS) - 0.5) + 0.5) / n
-        ctx.save_for_backward(x, q, inside)
-        ctx.grad_scale = grad_scale
-        return delta * q
+        _, q = _SEQFakeQuant._levels(w, delta, n)
+        ctx.save_for_backward(w, delta)
+        ctx.n, ctx.grad_scale = n, grad_scale
+        return q.mul_(delta)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, q, inside = ctx.saved_tensors
+        w, delta = ctx.saved_tensors
+        x, q = _SEQFakeQuant._levels(w, delta, ctx.n)
+        inside = (x > -1 + EPS) & (x < 1 - EPS)
         grad_w = grad_out * inside
         # inside the clip range d(out)/dDelta = q - x (STE through round); at the clipped ends q.
-        ddelta = torch.where(inside, q - x, q)
+        ddelta = torch.where(inside, q.sub(x), q)
         grad_delta = (grad_out * ddelta).sum(dim=-1, keepdim=True) * ctx.grad_scale
         return grad_w, grad_delta, None, None
 

@@ -198,8 +198,8 @@ def test_bfloat16_valued_weights_are_read_as_bfloat16(tiny_model) -> None:
     assert _dense_weight(model.lm_head.weight).data_ptr() == model.lm_head.weight.data_ptr()  # not copied
     with torch.no_grad():
         model.lm_head.weight.copy_(exact)
-        ids = torch.randint(3, 300, (1, 9))
+        ids = torch.randint(3, 300, (1, 20))  # 20 logit rows: past the decode batch of 16, still streamed
         reference = model(ids).logits[0]
     decoder = NativeDecoder(model)
-    decoder.reset(1, 9)
+    decoder.reset(1, 20)
     torch.testing.assert_close(_all_logits(decoder, ids[0].tolist()), reference, atol=1e-4, rtol=1e-4)

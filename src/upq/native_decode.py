@@ -188,7 +188,11 @@ class NativeDecoder:
 
 def native_decoder(model: nn.Module) -> NativeDecoder | None:
     """The model's :class:`NativeDecoder` (built once and kept on the model), or ``None`` when
-    :func:`native_decode_reason` says it cannot run the model."""
+    :func:`native_decode_reason` says it cannot run the model.
+
+    The decoder holds stacked copies of packed siblings (and a bfloat16 copy of a bfloat16-valued
+    float head), so a model whose weights change afterwards needs a fresh ``NativeDecoder(model)``.
+    """
     cached = model.__dict__.get(_CACHE_ATTR)
     if cached is not None:
         return cached

@@ -45,9 +45,10 @@ struct DecoderLinear {
   at::Tensor operator()(const at::Tensor& x) const {
     if (grid >= 0)
       return packed_linear(x, weight, scale, maybe(zero), maybe(bias), grid, bits, group_len, -1, gemv_max_batch);
-    if (x.size(0) <= gemv_max_batch) return dense_gemv(x, weight, maybe(bias));  // decode: stream W once
-    const at::Tensor w = weight.scalar_type() == at::kFloat ? weight : weight.to(at::kFloat);
-    return bias.defined() ? at::linear(x, w, bias) : at::linear(x, w);
+    // decode batches stream W once per four rows; a bfloat16 W always does (widening it for a
+    // matmul would allocate a float32 copy per call); larger float32 batches go to at::linear
+    if (x.size(0) <= gemv_max_batch || weight.scalar_type() != at::kFloat) return dense_gemv(x, weight, maybe(bias));
+    return bias.defined() ? at::linear(x, weight, bias) : at::linear(x, weight);
   }
 };
 

@@ -204,7 +204,7 @@ def llamacpp_lines(rows: dict, llamacpp: dict | None) -> list[str]:
     if not llamacpp:
         return []
     lines = ["", f"Against llama.cpp on the same machine, run back to back (llama-cpp-python "
-             f"{llamacpp['llama_cpp_python']}, same prompt and token count, `llamacpp_decode.json`):", "",
+             f"{llamacpp['llama_cpp_python']}, same prompt and token count, `llamacpp_decode_native*.json`):", "",
              "| model | upq native decoder tokens/s | llama.cpp tokens/s (same model as GGUF) | ratio |", "|---|---:|---:|---:|"]
     for ours, theirs in LLAMACPP_TWINS.items():
         if ours in rows and theirs in llamacpp["rows"]:

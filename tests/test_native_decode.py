@@ -116,6 +116,9 @@ def test_unsupported_models_fall_back_to_transformers(tiny_model) -> None:
     odd = build_tiny_model(320)
     odd.model.layers[1].mlp.down_proj = nn.Sequential(nn.Linear(128, 64))
     assert "layers.1.mlp.down_proj is a Sequential" in native_decode_reason(odd)
+    partial = build_tiny_model(320)
+    partial.model.rotary_emb.inv_freq = partial.model.rotary_emb.inv_freq[:4]
+    assert "partial rotary" in native_decode_reason(partial)
     with pytest.raises(ValueError, match="engine must be one of"):
         resolve_engine(model, "fast")
 

@@ -69,6 +69,9 @@ def native_decode_reason(model: nn.Module) -> str | None:
     rope = getattr(body, "rotary_emb", None)
     if rope is None or getattr(rope, "rope_type", "default") not in _STATIC_ROPE:
         return f"rotary embedding {getattr(rope, 'rope_type', None)!r} is not a static one"
+    head_dim = getattr(body.layers[0].self_attn, "head_dim", None) if len(body.layers) else None
+    if head_dim is None or rope.inv_freq.numel() * 2 != head_dim:
+        return "the rotary embedding does not cover the whole head (partial rotary)"
     for index, block in enumerate(body.layers):
         for part, names in _PROJECTIONS:
             for name in names:

@@ -194,6 +194,27 @@ def _generator(settings: SamplingSettings, device: torch.device) -> torch.Genera
     return generator
 
 
+def _decode_loop(logits: torch.Tensor, n_prompt: int, step: Callable[[int, int], torch.Tensor],
+                 settings: SamplingSettings, eos: list[int], streamer: TimingStreamer,
+                 generator: torch.Generator | None) -> list[int]:
+    """Pick tokens from the prompt's last logits on: ``step(token, position)`` runs one new token
+    and returns its logits; stops at eos (after ``min_new_tokens``) or ``max_new_tokens``."""
+    new: list[int] = []
+    eos_set = set(eos)
+    while True:
+        if len(new) < settings.min_new_tokens:
+            logits = logits.clone()
+            logits[eos] = float("-inf")
+        token = _select(logits, settings, generator)
+        new.append(token)
+        streamer.put(torch.tensor([token]))
+        if token in eos_set or len(new) >= settings.max_new_tokens:
+            break
+        logits = step(token, n_prompt + len(new) - 1)
+    streamer.end()
+    return new
+
+
 def _native_generate(decoder: NativeDecoder, ids: torch.Tensor, settings: SamplingSettings, eos: list[int],
                      streamer: TimingStreamer) -> list[int]:
     """The decode loop on the native decoder: one slot, prefill, then one token per forward."""
@@ -202,25 +223,13 @@ def _native_generate(decoder: NativeDecoder, ids: torch.Tensor, settings: Sampli
     decoder.reset(1, len(prompt) + settings.max_new_tokens)
     streamer.put(ids.cpu())
     logits = decoder.prefill(0, prompt)
-    new: list[int] = []
-    eos_set = set(eos)
-    while True:
-        if len(new) < settings.min_new_tokens:
-            logits = logits.clone()
-            logits[eos] = float("-inf")
-        token = _select(logits, settings, generator)
-        new.append(token)
-        streamer.put(torch.tensor([token]))
-        if token in eos_set or len(new) >= settings.max_new_tokens:
-            break
-        logits = decoder.forward([token], [0], [len(prompt) + len(new) - 1], [0])[0]
-    streamer.end()
-    return new
+    return _decode_loop(logits, len(prompt), lambda token, at: decoder.forward([token], [0], [at], [0])[0],
+                        settings, eos, streamer, generator)
 
 
 def _lean_generate(model: PreTrainedModel, ids: torch.Tensor, settings: SamplingSettings, eos: list[int],
                    streamer: TimingStreamer) -> list[int]:
-    """The decode loop: prefill, then one single-token forward per new token."""
+    """The decode loop over transformers' forward: prefill, then one single-token forward per new token."""
     generator = _generator(settings, ids.device)
     n_prompt = ids.shape[1]
     cache = _make_cache(model, settings.cache, n_prompt + settings.max_new_tokens)
@@ -228,22 +237,13 @@ def _lean_generate(model: PreTrainedModel, ids: torch.Tensor, settings: Sampling
     positions = torch.arange(n_prompt, device=ids.device).unsqueeze(0)
     logits = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[0, -1]
-    new: list[int] = []
-    eos_set = set(eos)
-    while True:
-        if len(new) < settings.min_new_tokens:
-            logits = logits.clone()
-            logits[eos] = float("-inf")
-        token = _select(logits, settings, generator)
-        new.append(token)
-        streamer.put(torch.tensor([token]))
-        if token in eos_set or len(new) >= settings.max_new_tokens:
-            break
-        step = torch.tensor([[token]], dtype=torch.long, device=ids.device)
-        position = torch.tensor([[n_prompt + len(new) - 1]], device=ids.device)
-        logits = model(input_ids=step, position_ids=position, past_key_values=cache, use_cache=True).logits[0, -1]
-    streamer.end()
-    return new
+
+    def step(token: int, at: int) -> torch.Tensor:
+        return model(input_ids=torch.tensor([[token]], dtype=torch.long, device=ids.device),
+                     position_ids=torch.tensor([[at]], device=ids.device), past_key_values=cache,
+                     use_cache=True).logits[0, -1]
+
+    return _decode_loop(logits, n_prompt, step, settings, eos, streamer, generator)
 
 
 def _hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor,

@@ -132,17 +132,15 @@ class NativeDecoder:
                                            *linears))
         attention = body.layers[0].self_attn
         embed = body.embed_tokens.weight.detach()
-        self.vocab = embed.shape[0]
         shape = mod.DecoderShape(
             hidden=config.hidden_size, heads=config.num_attention_heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=attention.head_dim, intermediate=config.intermediate_size, vocab=self.vocab,
+            head_dim=attention.head_dim, intermediate=config.intermediate_size,
             eps=float(body.norm.variance_epsilon), rope_scaling=float(body.rotary_emb.attention_scaling))
         self._native = mod.LlamaDecoder(embed.float().contiguous(), layers,
                                         body.norm.weight.detach().float().contiguous(),
                                         _native_linear(model.get_output_embeddings()),
                                         body.rotary_emb.inv_freq.detach().float(), shape)
-        self.max_positions = getattr(config, "max_position_embeddings", None)
 
     @property
     def slots(self) -> int:

@@ -71,7 +71,7 @@ struct DecoderLayer {
 };
 
 struct DecoderShape {
-  int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, vocab = 0;
+  int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0;
   double eps = 1e-6, rope_scaling = 1.0;
 };
 
@@ -393,11 +393,11 @@ void bind_decoder(py::module& m) {
            py::arg("down"));
   py::class_<DecoderShape>(m, "DecoderShape")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
-                       int64_t vocab, double eps, double rope_scaling) {
-             return DecoderShape{hidden, heads, kv_heads, head_dim, intermediate, vocab, eps, rope_scaling};
+                       double eps, double rope_scaling) {
+             return DecoderShape{hidden, heads, kv_heads, head_dim, intermediate, eps, rope_scaling};
            }),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
-           py::arg("vocab"), py::arg("eps"), py::arg("rope_scaling"));
+           py::arg("eps"), py::arg("rope_scaling"));
   py::class_<LlamaDecoder>(m, "LlamaDecoder")
       .def(py::init<at::Tensor, std::vector<DecoderLayer>, at::Tensor, DecoderLinear, at::Tensor, DecoderShape>(),
            py::arg("embed"), py::arg("layers"), py::arg("final_norm"), py::arg("head"), py::arg("inv_freq"),

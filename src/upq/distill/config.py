@@ -62,8 +62,8 @@ class DistillConfig:
     gamma_batches: int = 4
     # Tokens per chunk of the loss's full-vocabulary logits. 128 keeps each (chunk, vocab) float32
     # buffer of a 49k vocabulary under glibc's 32 MiB mmap ceiling, so freed buffers are reused
-    # instead of page-faulted in again: the loss ran 4x faster per token than with 1024 on 2 cores
-    # (bench/results/distill_profile_after.md), with less memory.
+    # instead of page-faulted in again (part of the step speed-up in bench/results/distill_profile_*.md),
+    # with less memory than 1024.
     chunk_tokens: int = 128
 
     data: DataConfig = field(default_factory=DataConfig)

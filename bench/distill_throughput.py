@@ -72,13 +72,21 @@ def _plain(dtype: torch.dtype) -> torch.nn.Module:
     return lm
 
 
-def _trainer_rate(batch: int, seq_len: int, steps: int, mixed_precision: str, teacher_dtype: str) -> dict:
+def _trainer_config(batch: int, grad_accum: int, seq_len: int, steps: int, mixed_precision: str,
+                    teacher_dtype: str) -> DistillConfig:
+    """The benchmarked step: a direct INT2 student on wiki text, gJSD 0.5, ``batch x grad_accum`` sequences."""
+    return DistillConfig(student_init="direct", data=DataConfig(kind="text", seq_len=seq_len, heldout_samples=0),
+                         steps=steps + 1, batch_size=batch, grad_accum=grad_accum, loss="gjsd", beta=0.5,
+                         log_every=1, save_every=10_000, mixed_precision=mixed_precision,
+                         teacher_dtype=teacher_dtype, cpu=True)
+
+
+def _trainer_rate(batch: int, grad_accum: int, seq_len: int, steps: int, mixed_precision: str,
+                  teacher_dtype: str) -> dict:
     """Median tokens/s and peak RSS (MiB) of real trainer steps (run this in a fresh process)."""
     work = Path(tempfile.mkdtemp(prefix="upq-bench-distill-"))
     try:
-        cfg = DistillConfig(student_init="direct", data=DataConfig(kind="text", seq_len=seq_len, heldout_samples=0),
-                            steps=steps + 1, batch_size=batch, loss="gjsd", beta=0.5, log_every=1,
-                            save_every=10_000, mixed_precision=mixed_precision, teacher_dtype=teacher_dtype, cpu=True)
+        cfg = _trainer_config(batch, grad_accum, seq_len, steps, mixed_precision, teacher_dtype)
         distill(cfg, None, work)
         records = [r for r in read_metrics(work) if r["step"] > 1]
         return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
@@ -98,7 +106,8 @@ def _peak_rss_since_reset_mib() -> float:
     return float("nan")
 
 
-def _trainer_profile(batch: int, seq_len: int, steps: int, mixed_precision: str, teacher_dtype: str) -> dict:
+def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, mixed_precision: str,
+                     teacher_dtype: str) -> dict:
     """Seconds per step in each labelled part of the trainer's step (``torch.profiler``, steps 2..),
     the step's tokens/s and the peak RSS while stepping (run this in a fresh process)."""
     from torch.profiler import ProfilerActivity, profile
@@ -106,9 +115,7 @@ def _trainer_profile(batch: int, seq_len: int, steps: int, mixed_precision: str,
     work = Path(tempfile.mkdtemp(prefix="upq-bench-distill-"))
     prof = profile(activities=[ProfilerActivity.CPU])
     try:
-        cfg = DistillConfig(student_init="direct", data=DataConfig(kind="text", seq_len=seq_len, heldout_samples=0),
-                            steps=steps + 1, batch_size=batch, loss="gjsd", beta=0.5, log_every=1,
-                            save_every=10_000, mixed_precision=mixed_precision, teacher_dtype=teacher_dtype, cpu=True)
+        cfg = _trainer_config(batch, grad_accum, seq_len, steps, mixed_precision, teacher_dtype)
         peak_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         warm_peak = [0.0]
 
@@ -136,9 +143,57 @@ def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: st
     """:func:`_trainer_rate` (``mode="rate"``) or :func:`_trainer_profile` (``"profile"``) in a fresh
     interpreter, so its peak RSS is the training process's own."""
     cmd = [sys.executable, __file__, f"--trainer-{mode}", mixed_precision, teacher_dtype, "--batch", str(args.batch),
-           "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+           "--grad-accum", str(args.grad_accum), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _baseline_rate(args: argparse.Namespace, source: Path) -> dict:
+    """:func:`_trainer_rate` of another checkout (``source``: its repository root), same settings
+    (batch x 1: older checkouts have no ``--grad-accum``)."""
+    cmd = [sys.executable, str(source / "bench" / "distill_throughput.py"), "--trainer-rate", "no", "float32",
+           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    env = {**os.environ, "PYTHONPATH": str(source / "src")}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=source, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def write_rate_runs(args: argparse.Namespace) -> None:
+    """``NAME.json`` / ``.md``: ``--rate-runs`` unprofiled fp32 trainer runs, each (with
+    ``--baseline-src``) right after a run of the baseline checkout, so every pair shares the VM's state."""
+    runs = []
+    for index in range(args.rate_runs):
+        run = {"run": index + 1}
+        if args.baseline_src:
+            run["baseline"] = _baseline_rate(args, Path(args.baseline_src))
+        run["this"] = _trainer_subprocess(args, "rate", "no", "float32")
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --batch {args.batch} "
+               f"--grad-accum {args.grad_accum}" + (" --baseline-src BASELINE" if args.baseline_src else "")
+               + f" --name {args.name}")
+    report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
+              "batch": args.batch, "grad_accum": args.grad_accum, "seq_len": args.seq_len, "timed_steps": args.steps,
+              "baseline": args.baseline_label if args.baseline_src else None, "runs": runs, "command": command}
+    RESULTS.mkdir(exist_ok=True)
+    write_json_atomic(RESULTS / f"{args.name}.json", report)
+    m = report["machine"]
+    lines = [f"# Distillation step without the profiler: SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores)", "",
+             f"fp32 step of the real trainer (teacher fp32, gJSD 0.5, AdamW), {args.batch} x {args.seq_len} tokens "
+             f"per micro-batch, {args.grad_accum} micro-batch(es) per step; median tokens/s of {args.steps} steps "
+             "after one warm-up; peak RSS of the training process (loading included). Each run is a fresh process; "
+             f"nothing else running. `{command}`" + (f"; baseline = {args.baseline_label}." if args.baseline_src else "."),
+             ""]
+    if args.baseline_src:
+        lines += ["| run | baseline tokens/s | this tokens/s | baseline peak RSS MiB | this peak RSS MiB |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['run']} | {r['baseline']['tokens_per_s']:.1f} | {r['this']['tokens_per_s']:.1f} | "
+                  f"{r['baseline']['memory_mib']:.0f} | {r['this']['memory_mib']:.0f} |" for r in runs]
+    else:
+        lines += ["| run | tokens/s | peak RSS MiB |", "|---:|---:|---:|"]
+        lines += [f"| {r['run']} | {r['this']['tokens_per_s']:.1f} | {r['this']['memory_mib']:.0f} |" for r in runs]
+    write_text_atomic(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_profile(args: argparse.Namespace, prof: dict) -> None:
@@ -167,7 +222,9 @@ def write_profile(args: argparse.Namespace, prof: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step (the step trains on batch x grad-accum sequences)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the fwd+bwd rows (best of)")
@@ -177,12 +234,19 @@ def main() -> None:
     parser.add_argument("--trainer-rate", nargs=2, metavar=("MIXED_PRECISION", "TEACHER_DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--trainer-profile", nargs=2, metavar=("MIXED_PRECISION", "TEACHER_DTYPE"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--rate-runs", type=int, default=0,
+                        help="only N unprofiled runs of the fp32 distill step (writes NAME.json / .md)")
+    parser.add_argument("--baseline-src", help="with --rate-runs: a checkout whose step runs before each run")
+    parser.add_argument("--baseline-label", default="baseline", help="what --baseline-src is, for the report")
     args = parser.parse_args()
     if args.trainer_rate:
-        print(json.dumps(_trainer_rate(args.batch, args.seq_len, args.steps, *args.trainer_rate)))
+        print(json.dumps(_trainer_rate(args.batch, args.grad_accum, args.seq_len, args.steps, *args.trainer_rate)))
         return
     if args.trainer_profile:
-        print(json.dumps(_trainer_profile(args.batch, args.seq_len, args.steps, *args.trainer_profile)))
+        print(json.dumps(_trainer_profile(args.batch, args.grad_accum, args.seq_len, args.steps, *args.trainer_profile)))
+        return
+    if args.rate_runs:
+        write_rate_runs(args)
         return
     if args.profile_only:
         write_profile(args, _trainer_subprocess(args, "profile", "no", "float32"))

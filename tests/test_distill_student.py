@@ -114,3 +114,28 @@ def test_clear_errors(tiny_model_dir: Path, int4_dir: Path) -> None:
         build_student("sideways", model_name=str(tiny_model_dir))
     with pytest.raises(ValueError, match="same groups"):
         progressive_student(int4_dir, GridSpec("seq", 2, 32), delta_init="int4")
+
+
+def _mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_student_releases_the_model_file_mapping(tiny_model_dir: Path) -> None:
+    """The original weights' file is memory-mapped while loading; the built student keeps no view
+    of it, so the pages of the replaced weights are not held in the trainer's memory."""
+    import gc
+
+    from upq.models import load_model
+
+    weights_file = str(tiny_model_dir / "model.safetensors")
+    probe, _ = load_model(str(tiny_model_dir))
+    assert weights_file in _mapped_files()  # loading maps the file: the check below can fail
+    original = probe.get_input_embeddings().weight.detach().clone()
+    del probe
+    gc.collect()
+    student = direct_student(str(tiny_model_dir))
+    gc.collect()
+    assert weights_file not in _mapped_files()
+    embedding = student.model.get_input_embeddings().weight
+    assert not embedding.requires_grad and torch.equal(embedding, original)

@@ -37,6 +37,55 @@ def test_quant_linear_trains() -> None:
     assert quant.weight.grad.abs().sum() > 0 and quant.quantizer.delta.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_seq_fused_linear_equals_fake_quant_then_linear(group_size: int | None, bias: bool, input_grad: bool) -> None:
+    """The fused SEQ layer (no quantized weight kept for backward) gives the same outputs and
+    gradients, bit for bit, as fake-quantizing the weight and calling F.linear."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24, bias=bias)
+    fused, plain = (QuantLinear.from_linear(linear, GridSpec("seq", 2, group_size)) for _ in range(2))
+    with torch.no_grad():  # a scale below max|W| so that some weights are clipped
+        fused.quantizer.delta.mul_(0.7)
+        plain.quantizer.delta.copy_(fused.quantizer.delta)
+    x = torch.randn(3, 5, 64)
+    x_fused, x_plain = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    out_fused = fused(x_fused)
+    out_plain = torch.nn.functional.linear(x_plain, plain.quantizer.fake_quant(plain.weight), plain.bias)
+    assert out_fused.grad_fn is not None and "SEQLinear" in type(out_fused.grad_fn).__name__
+    grad = torch.randn_like(out_fused)
+    out_fused.backward(grad)
+    out_plain.backward(grad)
+    assert torch.equal(out_fused, out_plain)
+    pairs = [(fused.weight.grad, plain.weight.grad), (fused.quantizer.delta.grad, plain.quantizer.delta.grad)]
+    pairs += [(fused.bias.grad, plain.bias.grad)] if bias else []
+    pairs += [(x_fused.grad, x_plain.grad)] if input_grad else []
+    for got, want in pairs:
+        assert torch.equal(got, want)
+    assert fused.weight.grad.abs().sum() > 0 and fused.quantizer.delta.grad.abs().sum() > 0
+
+
+def test_fused_linear_keeps_no_quantized_weight_for_backward() -> None:
+    """What autograd saves for the fused layer is the input, the latent weight and Delta only."""
+    torch.manual_seed(0)
+    quant = QuantLinear.from_linear(nn.Linear(64, 24), GridSpec("seq", 2, 16))
+    x = torch.randn(4, 64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        quant(x)
+    assert {t.data_ptr() for t in saved} == {x.data_ptr(), quant.weight.data_ptr()} | {
+        t.data_ptr() for t in saved if t.shape == quant.quantizer.delta.shape}
+    assert not any(t.shape == quant.weight.shape and t.data_ptr() != quant.weight.data_ptr() for t in saved)
+
+
+def test_autocast_uses_the_unfused_path() -> None:
+    quant = QuantLinear.from_linear(nn.Linear(64, 8), GridSpec("seq", 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = quant(torch.randn(2, 64))
+    assert out.dtype == torch.bfloat16 and "SEQLinear" not in type(out.grad_fn).__name__
+
+
 def test_selection_skips_lm_head_and_respects_patterns(tiny_model) -> None:
     model, _ = tiny_model
     names = [n for n, _ in select_linears(model)]

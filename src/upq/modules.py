@@ -21,7 +21,9 @@ class QuantLinear(nn.Module):
     """A linear layer whose weight is fake-quantized on every forward.
 
     Holds the latent full-precision ``weight`` and the grid's parameters (``quantizer``); both are
-    trainable. ``to_packed()`` turns it into the storage form.
+    trainable. ``to_packed()`` turns it into the storage form. A quantizer with a ``linear``
+    method (SEQ) runs the layer in one autograd node that keeps no quantized weight for backward;
+    it is used when the input has the weight's dtype and no autocast is active.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: GridSpec, **options: bool) -> None:
@@ -39,6 +41,9 @@ class QuantLinear(nn.Module):
         return cls(linear.weight, linear.bias, spec, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = getattr(self.quantizer, "linear", None)
+        if fused is not None and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return fused(x, self.weight, self.bias)
         weight = self.quantizer.fake_quant(self.weight)
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Grid, GridSpec, QuantizedWeight, register_grid, to_groups
@@ -66,6 +67,48 @@ class _SEQFakeQuant(torch.autograd.Function):
         ddelta = torch.where(inside, q.sub(x), q)
         grad_delta = (grad_out * ddelta).sum(dim=-1, keepdim=True) * ctx.grad_scale
         return grad_w, grad_delta, None, None
+
+
+class _SEQLinear(torch.autograd.Function):
+    """``x @ Q(W)^T + b`` with Q the SEQ fake-quantizer, keeping only x, W and Delta for backward.
+
+    ``F.linear`` on a fake-quantized weight would keep Q(W), one more weight-sized tensor per
+    layer, alive until backward. Here backward recomputes the levels once and uses them both for
+    the input gradient and for the STE/LSQ gradients of W and Delta (the same formulas as
+    :class:`_SEQFakeQuant`), so training holds no quantized weight copies and does no extra pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
+                bits: int, grad_scale: float) -> torch.Tensor:
+        n = _half_levels(bits)
+        _, q = _SEQFakeQuant._levels(w.view(w.shape[0], delta.shape[1], -1), delta.unsqueeze(-1), n)
+        ctx.save_for_backward(x, w, delta)
+        ctx.n, ctx.grad_scale, ctx.has_bias = n, grad_scale, bias is not None
+        return F.linear(x, q.mul_(delta.unsqueeze(-1)).view(w.shape), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w, delta = ctx.saved_tensors
+        need_x, need_w, need_delta, need_bias = ctx.needs_input_grad[:4]
+        d = delta.unsqueeze(-1)
+        groups = w.view(w.shape[0], delta.shape[1], -1)
+        scaled, q = _SEQFakeQuant._levels(groups, d, ctx.n)
+        grad_x = grad_w = grad_delta = grad_bias = None
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+        if need_x:
+            grad_x = grad_out.matmul((q * d).view(w.shape))
+        if need_w or need_delta:
+            grad_q = flat_out.t().mm(x.reshape(-1, x.shape[-1])).view(groups.shape)
+            inside = (scaled > -1 + EPS) & (scaled < 1 - EPS)
+            if need_w:
+                grad_w = (grad_q * inside).view(w.shape)
+            if need_delta:
+                ddelta = torch.where(inside, q.sub(scaled), q)
+                grad_delta = (grad_q * ddelta).sum(dim=-1) * ctx.grad_scale
+        if need_bias and ctx.has_bias:
+            grad_bias = flat_out.sum(dim=0)
+        return grad_x, grad_w, grad_delta, grad_bias, None, None
 
 
 def seq_grad_scale(numel: int, bits: int) -> float:
@@ -165,6 +208,13 @@ class SEQQuantizer(nn.Module):
         delta = self.delta.abs().clamp_min(1e-8).unsqueeze(-1)
         out = seq_fake_quant(groups, delta.to(groups.dtype), self.spec.bits, seq_grad_scale(weight.numel(), self.spec.bits))
         return out.reshape(weight.shape)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, fake_quant(weight), bias)`` that keeps no quantized weight for backward
+        (:class:`_SEQLinear`); same values and gradients. ``x`` and ``weight`` share one dtype."""
+        delta = self.delta.abs().clamp_min(1e-8)
+        return _SEQLinear.apply(x, weight, delta.to(weight.dtype), bias, self.spec.bits,
+                                seq_grad_scale(weight.numel(), self.spec.bits))
 
     @torch.no_grad()
     def encode(self, weight: torch.Tensor) -> QuantizedWeight:

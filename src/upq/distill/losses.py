@@ -64,6 +64,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.native import load_native
+
 __all__ = [
     "DistillLoss",
     "LOSSES",
@@ -143,7 +145,26 @@ def _log_mix(x: Tensor, w: float, sign: float) -> Tensor:
     return torch.where(use_log1p, out, lse, out=out)
 
 
+def _native_rows(s: Tensor, t: Tensor) -> Any:
+    """The native kernel module when it can run these (N, V) logits (float32 on CPU), else None."""
+    if s.device.type != "cpu" or s.dtype != torch.float32 or t.dtype != torch.float32 or s.dim() != 2:
+        return None
+    return load_native()
+
+
 def _gjsd_kernel(
+    s: Tensor, t: Tensor, need_grad: bool, *, beta: float, normalized: bool
+) -> tuple[Tensor, Optional[Tensor]]:
+    """gJSD per row and its gradient: the native one-pass row kernel for float32 CPU logits with
+    0 < beta < 1 (``gjsd_loss.cpp``), else :func:`_gjsd_torch`."""
+    native = _native_rows(s, t) if 0.0 < beta < 1.0 else None
+    if native is None:
+        return _gjsd_torch(s, t, need_grad, beta=beta, normalized=normalized)
+    loss, grad = native.gjsd_rows(s, t, beta, normalized)
+    return loss, grad if need_grad else None
+
+
+def _gjsd_torch(
     s: Tensor, t: Tensor, need_grad: bool, *, beta: float, normalized: bool
 ) -> tuple[Tensor, Optional[Tensor]]:
     if beta == 0.0:

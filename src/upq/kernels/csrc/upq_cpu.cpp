@@ -285,6 +285,7 @@ bool layout_supported(int64_t bits, int64_t G, int64_t group_len, int64_t isa_re
 std::string best_isa() { return isa_name(detect_isa()); }
 
 void bind_decoder(py::module& m);  // llama_decoder.cpp
+void bind_losses(py::module& m);   // gjsd_loss.cpp
 
 }  // namespace upq
 
@@ -300,4 +301,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = -1);
   m.def("best_isa", &upq::best_isa);
   upq::bind_decoder(m);
+  upq::bind_losses(m);
 }

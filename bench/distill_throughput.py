@@ -141,23 +141,20 @@ def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: str, teacher_dtype: str) -> dict:
+def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: str, teacher_dtype: str,
+                        source: Path | None = None) -> dict:
     """:func:`_trainer_rate` (``mode="rate"``) or :func:`_trainer_profile` (``"profile"``) in a fresh
-    interpreter, so its peak RSS is the training process's own."""
-    cmd = [sys.executable, __file__, f"--trainer-{mode}", mixed_precision, teacher_dtype, "--batch", str(args.batch),
-           "--grad-accum", str(args.grad_accum), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-           "--data", args.data]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def _baseline_rate(args: argparse.Namespace, source: Path) -> dict:
-    """:func:`_trainer_rate` of another checkout (``source``: its repository root), same settings
-    (batch x 1: older checkouts have no ``--grad-accum``)."""
-    cmd = [sys.executable, str(source / "bench" / "distill_throughput.py"), "--trainer-rate", "no", "float32",
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
-    env = {**os.environ, "PYTHONPATH": str(source / "src")}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=source, env=env).stdout
+    interpreter, so its peak RSS is the training process's own. ``source``: run another checkout's
+    copy of this script and package instead (its repository root; batch x 1 on text, as older
+    checkouts have no ``--grad-accum`` / ``--data``)."""
+    script, env = Path(__file__), None
+    cmd = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    if source is None:
+        cmd += ["--grad-accum", str(args.grad_accum), "--data", args.data]
+    else:
+        script, env = source / "bench" / "distill_throughput.py", {**os.environ, "PYTHONPATH": str(source / "src")}
+    cmd = [sys.executable, str(script), f"--trainer-{mode}", mixed_precision, teacher_dtype, *cmd]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=script.parent.parent, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -168,7 +165,7 @@ def write_rate_runs(args: argparse.Namespace) -> None:
     for index in range(args.rate_runs):
         run = {"run": index + 1}
         if args.baseline_src:
-            run["baseline"] = _baseline_rate(args, Path(args.baseline_src))
+            run["baseline"] = _trainer_subprocess(args, "rate", "no", "float32", Path(args.baseline_src))
         run["this"] = _trainer_subprocess(args, "rate", "no", "float32")
         runs.append(run)
         print(json.dumps(run), flush=True)

@@ -58,14 +58,24 @@ class _SEQFakeQuant(torch.autograd.Function):
         return q.mul_(delta)
 
     @staticmethod
+    def _grads(grad_q: torch.Tensor, x: torch.Tensor, q: torch.Tensor, grad_scale: float, need_w: bool = True,
+               need_delta: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """STE gradient of W and LSQ gradient of Delta (summed over the last dim, kept) from the
+        gradient ``grad_q`` of the quantized weight, the scaled weight ``x`` and its levels ``q``."""
+        inside = (x > -1 + EPS) & (x < 1 - EPS)
+        grad_w = grad_q * inside if need_w else None
+        grad_delta = None
+        if need_delta:
+            # inside the clip range d(out)/dDelta = q - x (STE through round); at the clipped ends q.
+            ddelta = torch.where(inside, q.sub(x), q)
+            grad_delta = (grad_q * ddelta).sum(dim=-1, keepdim=True) * grad_scale
+        return grad_w, grad_delta
+
+    @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         w, delta = ctx.saved_tensors
         x, q = _SEQFakeQuant._levels(w, delta, ctx.n)
-        inside = (x > -1 + EPS) & (x < 1 - EPS)
-        grad_w = grad_out * inside
-        # inside the clip range d(out)/dDelta = q - x (STE through round); at the clipped ends q.
-        ddelta = torch.where(inside, q.sub(x), q)
-        grad_delta = (grad_out * ddelta).sum(dim=-1, keepdim=True) * ctx.grad_scale
+        grad_w, grad_delta = _SEQFakeQuant._grads(grad_out, x, q, ctx.grad_scale)
         return grad_w, grad_delta, None, None
 
 
@@ -74,8 +84,8 @@ class _SEQLinear(torch.autograd.Function):
 
     ``F.linear`` on a fake-quantized weight would keep Q(W), one more weight-sized tensor per
     layer, alive until backward. Here backward recomputes the levels once and uses them both for
-    the input gradient and for the STE/LSQ gradients of W and Delta (the same formulas as
-    :class:`_SEQFakeQuant`), so training holds no quantized weight copies and does no extra pass.
+    the input gradient and for the STE/LSQ gradients of W and Delta (:meth:`_SEQFakeQuant._grads`),
+    so training holds no quantized weight copies and does no extra pass.
     """
 
     @staticmethod
@@ -100,12 +110,9 @@ class _SEQLinear(torch.autograd.Function):
             grad_x = grad_out.matmul((q * d).view(w.shape))
         if need_w or need_delta:
             grad_q = flat_out.t().mm(x.reshape(-1, x.shape[-1])).view(groups.shape)
-            inside = (scaled > -1 + EPS) & (scaled < 1 - EPS)
-            if need_w:
-                grad_w = (grad_q * inside).view(w.shape)
-            if need_delta:
-                ddelta = torch.where(inside, q.sub(scaled), q)
-                grad_delta = (grad_q * ddelta).sum(dim=-1) * ctx.grad_scale
+            grad_w, grad_delta = _SEQFakeQuant._grads(grad_q, scaled, q, ctx.grad_scale, need_w, need_delta)
+            grad_w = None if grad_w is None else grad_w.view(w.shape)
+            grad_delta = None if grad_delta is None else grad_delta.squeeze(-1)
         if need_bias and ctx.has_bias:
             grad_bias = flat_out.sum(dim=0)
         return grad_x, grad_w, grad_delta, grad_bias, None, None

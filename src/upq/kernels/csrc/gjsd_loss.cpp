@@ -17,6 +17,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "multiversion.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -24,12 +26,6 @@
 
 namespace upq {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define UPQ_LOSS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define UPQ_LOSS_MULTIVERSION
-#endif
 
 constexpr float kLogZero = -1.0e4f;
 
@@ -95,7 +91,7 @@ inline float log1p_of(float u) {
 // One row: writes the gradient (scaled by `scale`) to g and returns the loss (scaled).
 // w_t = beta and w_s = 1 - beta are rounded separately from the double beta (1 - float(beta) would
 // lose w_s's digits as beta nears 1).
-UPQ_LOSS_MULTIVERSION float gjsd_row(const float* s, const float* t, int64_t V, float w_t, float w_s, float scale,
+UPQ_MULTIVERSION float gjsd_row(const float* s, const float* t, int64_t V, float w_t, float w_s, float scale,
                                      float* g) {
   float ms = -std::numeric_limits<float>::infinity(), mt = ms;
 #pragma omp simd reduction(max : ms, mt)

@@ -15,6 +15,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "multiversion.h"
+
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -77,14 +79,7 @@ struct DecoderShape {
 
 namespace {
 
-// The helpers below are compiled for AVX-512, AVX2 and baseline x86-64 (GCC function
-// multiversioning; the loader picks the best the CPU has): the extension's own flags target the
-// baseline, where these loops would vectorize only 4 wide.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define UPQ_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define UPQ_MULTIVERSION
-#endif
+// The helpers below are multiversioned (multiversion.h).
 
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, rows of length n.
 UPQ_MULTIVERSION void rms_norm(const float* x, const float* w, int64_t rows, int64_t n, double eps, float* out) {

@@ -104,3 +104,41 @@ def test_chat_calibration_rows_are_the_teachers_cached_answers(tiny_model_dir: P
     many = calibration_ids(tokenizer, _cfg(tiny_text_source, samples=available + 5, seq_len=32, chat_fraction=1.0,
                                            chat={"max_new_tokens": 8}), str(tiny_model_dir))
     assert many.shape == (available + 5, 32) and torch.equal(many[5:], answer_rows(answers, 32, available))
+
+
+def test_calibration_chat_rows_extend_with_self_instruct_pairs(tiny_model_dir: Path, tiny_text_source: Path,
+                                                               tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoTokenizer
+
+    from upq.data.prompts import load_prompts
+    from upq.data.self_instruct import SelfInstructSettings
+    from upq.data.teacher_answers import ChatSettings, answer_rows, teacher_responses
+    from upq.models import load_model
+    from upq.ptq import blockwise
+
+    monkeypatch.setenv("UPQ_CACHE", str(tmp_path / "cache"))
+    short = ChatSettings(max_new_tokens=8)
+    pairs = [{"instruction": f"write {i}", "prompt_ids": [5, 6, i], "response_ids": [7] * 40, "finished": True}
+             for i in range(30)]
+    calls = []
+
+    def fake_pairs(model, tokenizer, count, settings, answer, cache):
+        calls.append((count, settings, answer))
+        return pairs[:count]
+
+    monkeypatch.setattr(blockwise, "self_instruct_pairs", fake_pairs)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model, _ = load_model(str(tiny_model_dir))
+    answers = teacher_responses(model, tokenizer, load_prompts("train"), short, tmp_path / "cache" / "distill-data")
+    available = len(answer_rows(answers, 32, 10_000))
+    cfg = _cfg(tiny_text_source, samples=available + 5, seq_len=32, chat_fraction=1.0, chat=short, self_instruct=30,
+               self_instruct_settings={"max_new_tokens": 16})
+    ids = blockwise.calibration_ids(tokenizer, cfg, str(tiny_model_dir))
+    # the bundled answers first, then the teacher-written pairs fill the rows text used to fill
+    assert calls == [(30, SelfInstructSettings(max_new_tokens=16), short)]
+    assert ids.shape == (available + 5, 32) and torch.equal(ids, answer_rows([*answers, *pairs], 32, available + 5))
+    assert (ids[available + 1 :] == 7).any(dim=1).all()
+    with pytest.raises(ValueError, match="chat_fraction"):
+        _cfg(tiny_text_source, self_instruct=4)
+    with pytest.raises(ValueError, match=">= 0"):
+        _cfg(tiny_text_source, chat_fraction=1.0, self_instruct=-1)

@@ -11,9 +11,9 @@ import pytest
 from distill_helpers import one_thread  # noqa: F401 (fixture)
 from upq.cli import main
 from upq.data.prompts import load_prompts
-from upq.distill import self_instruct
+from upq.data import self_instruct
 from upq.distill.data import ChatSettings, DataConfig, build_stream
-from upq.distill.self_instruct import (
+from upq.data.self_instruct import (
     Deduper,
     EvalOverlap,
     SelfInstructSettings,

@@ -173,7 +173,7 @@ def _distill(args: argparse.Namespace) -> int:
 def _self_instruct(args: argparse.Namespace) -> int:
     from .atomic import write_text_atomic
     from .distill.data import ChatSettings, DataConfig
-    from .distill.self_instruct import SelfInstructSettings, self_instruct_pairs
+    from .data.self_instruct import SelfInstructSettings, self_instruct_pairs
     from .models import BUNDLED_MODEL, load_model
 
     if args.count < 1:

@@ -10,7 +10,7 @@ positions (``loss_mask[t]`` is true when the model's output at ``t``, which pred
   with sampling, in batches, through the chat template; the answers are cached on disk (shared by
   runs) under a key hashing the teacher's weights, the rendered prompts and the generation settings. Response
   positions count; prompt positions count too unless ``mask_prompt``. ``self_instruct`` adds that many
-  pairs whose instructions the teacher wrote itself (:mod:`upq.distill.self_instruct`).
+  pairs whose instructions the teacher wrote itself (:mod:`upq.data.self_instruct`).
 * **mix** -- a deterministic interleave with a given fraction of chat samples.
 
 :class:`SampleStream` gives a reproducible infinite order (a fresh seeded permutation of each
@@ -33,7 +33,7 @@ from ..data.prompts import load_prompts
 from ..data.teacher_answers import ChatSettings, default_answer_cache, teacher_responses
 from ..data.text import load_texts, token_blocks
 from ..logs import get_logger
-from .self_instruct import SelfInstructSettings, self_instruct_pairs
+from ..data.self_instruct import SelfInstructSettings, self_instruct_pairs
 
 log = get_logger("distill.data")
 KINDS = ("text", "chat", "mix")

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from ..atomic import write_json_atomic
 from ..checkpoint import install_packed_skeletons, materialize_meta_buffers, meta_model
 from ..data.prompts import load_prompts
+from ..data.self_instruct import SelfInstructSettings, self_instruct_pairs
 from ..data.teacher_answers import ChatSettings, answer_rows, default_answer_cache, teacher_responses
 from ..data.text import load_texts, token_blocks
 from ..digest import json_digest
@@ -61,7 +62,9 @@ class BlockwiseConfig:
     what each block minimises (:func:`block_error`); ``train``: which parameters train
     (:mod:`upq.trainable`; norm gains at ``lr_scale``); ``chat_fraction``: the share of
     calibration rows that are the original model's answers (sampled as ``chat`` says; the same
-    settings as distillation's ``data.chat`` share one cached generation).
+    settings as distillation's ``data.chat`` share one cached generation) to the bundled training
+    prompts and to ``self_instruct`` instructions it wrote itself (:mod:`upq.data.self_instruct`;
+    the same pairs, and cache, as distillation's ``data.self_instruct`` with equal settings).
     """
 
     grid: str = "seq"
@@ -77,6 +80,8 @@ class BlockwiseConfig:
     calib_source: str = "wiki"
     chat_fraction: float = 0.0
     chat: ChatSettings = field(default_factory=ChatSettings)
+    self_instruct: int = 0
+    self_instruct_settings: SelfInstructSettings = field(default_factory=SelfInstructSettings)
     include: list[str] | None = None
     exclude: list[str] | None = None
     activations: str = "memory"
@@ -89,6 +94,12 @@ class BlockwiseConfig:
     def __post_init__(self) -> None:
         if isinstance(self.chat, dict):
             self.chat = ChatSettings(**self.chat)
+        if isinstance(self.self_instruct_settings, dict):
+            self.self_instruct_settings = SelfInstructSettings(**self.self_instruct_settings)
+        if self.self_instruct < 0:
+            raise ValueError(f"self_instruct (number of self-generated pairs) must be >= 0, got {self.self_instruct}")
+        if self.self_instruct and not self.chat_fraction:
+            raise ValueError("self_instruct adds chat calibration rows: set chat_fraction > 0")
         self.train = check_trainable(self.train)
         if self.activations not in {"memory", "disk"}:
             raise ValueError(f"activations must be 'memory' or 'disk', got {self.activations!r}")
@@ -131,27 +142,31 @@ class BlockResult:
 
 def calibration_ids(tokenizer: Any, cfg: BlockwiseConfig, model_name: str | None = None) -> torch.Tensor:
     """(samples, seq_len) token ids: packed plain text, and ``chat_fraction`` of the rows the
-    original model's own answers to the bundled training prompts (packed prompt + answer, cached
-    and shared with distillation; text fills in when the answers run out)."""
+    original model's own answers to the bundled training prompts, then to its ``self_instruct``
+    instructions (packed prompt + answer, cached and shared with distillation; text fills in
+    when the answers run out)."""
     n_chat = round(cfg.samples * cfg.chat_fraction)
     rows = []
     if n_chat:
-        rows.append(_answer_rows(tokenizer, model_name, cfg.chat, cfg.seq_len, n_chat))
+        rows.append(_answer_rows(tokenizer, model_name, cfg, n_chat))
         if len(rows[0]) < n_chat:
-            log.warning("the teacher's answers fill only %d of %d chat calibration rows of %d tokens; the rest is text",
-                        len(rows[0]), n_chat, cfg.seq_len)
+            log.warning("the teacher's answers fill only %d of %d chat calibration rows of %d tokens; the rest is "
+                        "text (self_instruct: N adds teacher-written instructions)", len(rows[0]), n_chat, cfg.seq_len)
     n_text = cfg.samples - sum(len(r) for r in rows)
     if n_text:
         rows.insert(0, token_blocks(load_texts(cfg.calib_source, "train"), tokenizer, cfg.seq_len, n_text))
     return torch.cat(rows)
 
 
-def _answer_rows(tokenizer: Any, model_name: str | None, settings: ChatSettings, seq_len: int,
-                 rows: int) -> torch.Tensor:
+def _answer_rows(tokenizer: Any, model_name: str | None, cfg: BlockwiseConfig, rows: int) -> torch.Tensor:
     model, _ = load_model(model_name, dtype=torch.float32)
-    responses = teacher_responses(model, tokenizer, load_prompts("train"), settings, default_answer_cache())
+    cache = default_answer_cache()
+    responses = teacher_responses(model, tokenizer, load_prompts("train"), cfg.chat, cache)
+    if cfg.self_instruct:
+        responses = responses + self_instruct_pairs(model, tokenizer, cfg.self_instruct, cfg.self_instruct_settings,
+                                                    cfg.chat, cache)
     del model
-    return answer_rows(responses, seq_len, rows)
+    return answer_rows(responses, cfg.seq_len, rows)
 
 
 def _peak_rss_mib() -> float:

@@ -42,8 +42,8 @@ import torch
 
 from ..atomic import write_json_atomic
 from ..digest import json_digest
-from ..data.prompts import load_prompts
-from ..data.teacher_answers import ChatSettings
+from .prompts import load_prompts
+from .teacher_answers import ChatSettings
 from ..logs import get_logger, progress_enabled
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ __all__ = [
     "user_turn_prefix",
 ]
 
-log = get_logger("distill.self_instruct")
+log = get_logger("data.self_instruct")
 _CACHE_FORMAT = 1
 _SENTINEL = "UPQ-USER-CONTENT-5e1f9c"
 _NEAR_DUP_WORDS = 8

@@ -105,14 +105,20 @@ def test_every_loss_trains(setup, tmp_path: Path, loss: str) -> None:
         assert 0.0 < result.summary["gamma"] < 1.0
 
 
-def test_direct_init_and_gradient_checkpointing(setup, tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["mlp", "layers"])
+def test_direct_init_and_recomputation_give_the_same_training(setup, tiny_model_dir: Path, tmp_path: Path,
+                                                              mode: str) -> None:
     _, corpus = setup
-    cfg = tiny_config(None, corpus, student_init="direct", model=str(tiny_model_dir), steps=2)
-    plain = distill(cfg, None, tmp_path / "a")
-    cfg_gc = tiny_config(None, corpus, student_init="direct", model=str(tiny_model_dir), steps=2, gradient_checkpointing=True)
-    ckpt = distill(cfg_gc, None, tmp_path / "b")
-    assert plain.summary["student_init"]["init"] == "direct"
-    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    runs = {}
+    for m in ("none", mode):
+        cfg = tiny_config(None, corpus, student_init="direct", model=str(tiny_model_dir), steps=2,
+                          gradient_checkpointing=m)
+        runs[m] = distill(cfg, tmp_path / f"{m}-out", tmp_path / m)
+    assert runs["none"].summary["student_init"]["init"] == "direct"
+    assert runs[mode].losses == runs["none"].losses
+    plain, recomputed = load(tmp_path / "none-out").state_dict(), load(tmp_path / f"{mode}-out").state_dict()
+    assert plain.keys() == recomputed.keys()
+    assert all(torch.equal(plain[k], recomputed[k]) for k in plain)
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:

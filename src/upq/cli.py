@@ -336,6 +336,7 @@ DISTILL_FIELDS: FieldMap = {
 def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     """The ``upq distill`` flags; each default is DistillConfig's."""
     from .distill.config import MIXED_PRECISION, TEACHER_DTYPES, DistillConfig
+    from .distill.memory import CHECKPOINTING
     from .distill.data import KINDS
     from .distill.losses import LOSSES
     from .distill.student import INITS
@@ -397,7 +398,8 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     opt("--max-grad-norm", type=float, help="0 disables clipping")
     opt("--mixed-precision", choices=list(MIXED_PRECISION), help="auto: bf16 on CUDA")
     opt("--teacher-dtype", choices=list(TEACHER_DTYPES))
-    opt("--gradient-checkpointing", action="store_true")
+    opt("--gradient-checkpointing", choices=list(CHECKPOINTING),
+        help="recompute in backward to save memory: mlp (decoder MLPs), layers (whole layers), none")
     opt("--cpu", action="store_true", help="train on CPU even if a GPU is present")
     opt("--seed", type=int)
     opt("--eval-every", type=int, help="held-out KL every N steps (0: never)")

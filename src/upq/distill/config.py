@@ -10,6 +10,7 @@ from ..digest import json_digest
 from ..grids import GridSpec
 from .data import DataConfig
 from .losses import LOSSES, BoundLoss
+from .memory import check_checkpointing
 from ..ptq.handoff import SCALE_INITS
 from ..trainable import check_trainable
 from .student import INITS, Calibration
@@ -17,7 +18,8 @@ from .student import INITS, Calibration
 MIXED_PRECISION = ("auto", "no", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 # Fields that do not change the training trajectory: a run may resume with other values.
-_NOT_TRAJECTORY = {"log_every", "eval_every", "save_every", "keep_checkpoints", "steps", "tokens"}
+# gradient_checkpointing only trades memory for recomputation: the numbers are the same
+_NOT_TRAJECTORY = {"gradient_checkpointing", "log_every", "eval_every", "save_every", "keep_checkpoints", "steps", "tokens"}
 
 
 @dataclass
@@ -83,7 +85,7 @@ class DistillConfig:
     seed: int = 0
     mixed_precision: str = "auto"
     teacher_dtype: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "mlp"  # memory.CHECKPOINTING; bench/results/distill_memory.md
     cpu: bool = False
 
     log_every: int = 10
@@ -129,6 +131,7 @@ class DistillConfig:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+        self.gradient_checkpointing = check_checkpointing(self.gradient_checkpointing)
         if self.save_every < 1 or self.log_every < 1 or self.eval_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("save_every, log_every, keep_checkpoints must be >= 1 and eval_every >= 0")
         self.spec  # validates grid / bits / group size

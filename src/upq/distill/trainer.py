@@ -36,6 +36,7 @@ from ..modules import pack_model
 from .config import DistillConfig
 from .data import Batch, SampleStream, build_stream, collate, heldout_samples
 from .losses import BoundLoss, chunked_loss, estimate_cakld_gamma
+from .memory import enable_checkpointing, share_frozen_tensors
 from .state import ResumeError, TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..trainable import lr_factor, trainable_groups, trainable_state
 from .student import Student, build_student
@@ -138,11 +139,10 @@ class _Run:
             self.stream: SampleStream = build_stream(cfg.data, self.tokenizer, teacher, cache, cfg.seed)
             self.heldout = heldout_samples(cfg.data, self.tokenizer, teacher, cache)
         lm = student.model
-        if cfg.gradient_checkpointing:
-            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        shared = share_frozen_tensors(lm, teacher)
+        log.info("student shares %.0f MiB of frozen tensors with the teacher; recomputation: %s",
+                 shared / 2**20, cfg.gradient_checkpointing)
+        enable_checkpointing(lm, cfg.gradient_checkpointing)
         lm.train()
         kinds = trainable_groups(lm, cfg.train)
         self.initial_scales = [p.detach().clone() for p in trainable_groups(lm, ("scales",))["scales"]]

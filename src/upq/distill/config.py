@@ -85,7 +85,7 @@ class DistillConfig:
     seed: int = 0
     mixed_precision: str = "auto"
     teacher_dtype: str = "auto"
-    gradient_checkpointing: str = "mlp"  # memory.CHECKPOINTING; bench/results/distill_memory.md
+    gradient_checkpointing: str = "mlp"  # memory.CHECKPOINTING; bench/results/distill_rate_memory.md
     cpu: bool = False
 
     log_every: int = 10

@@ -74,24 +74,24 @@ def _plain(dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _trainer_config(batch: int, grad_accum: int, seq_len: int, steps: int, mixed_precision: str,
-                    teacher_dtype: str, data: str = "text", recompute: str | None = None) -> DistillConfig:
+                    teacher_dtype: str, data: str = "text", settings: dict | None = None) -> DistillConfig:
     """The benchmarked step: a direct INT2 student, gJSD 0.5, ``batch x grad_accum`` sequences of
     ``data`` (``text``: wiki text, every position a token; ``mix``: the recipes' half chat answers,
-    half text, where shorter chat samples are padded within a micro-batch). ``recompute``: the
-    trainer's ``gradient_checkpointing`` (None: its default)."""
+    half text, where shorter chat samples are padded within a micro-batch). ``settings``: other
+    ``DistillConfig`` fields (e.g. ``gradient_checkpointing``, ``block_cache_mib``; absent: the defaults)."""
     return DistillConfig(student_init="direct", data=DataConfig(kind=data, seq_len=seq_len, heldout_samples=0),
                          steps=steps + 1, batch_size=batch, grad_accum=grad_accum, loss="gjsd", beta=0.5,
                          log_every=1, save_every=10_000, mixed_precision=mixed_precision,
                          teacher_dtype=teacher_dtype, cpu=True,
-                         **({"gradient_checkpointing": recompute} if recompute else {}))
+                         **(settings or {}))
 
 
-def _trainer_rate(batch: int, grad_accum: int, seq_len: int, steps: int, data: str, recompute: str | None,
+def _trainer_rate(batch: int, grad_accum: int, seq_len: int, steps: int, data: str, settings: dict,
                   mixed_precision: str, teacher_dtype: str) -> dict:
     """Median tokens/s and peak RSS (MiB) of real trainer steps (run this in a fresh process)."""
     work = Path(tempfile.mkdtemp(prefix="upq-bench-distill-"))
     try:
-        cfg = _trainer_config(batch, grad_accum, seq_len, steps, mixed_precision, teacher_dtype, data, recompute)
+        cfg = _trainer_config(batch, grad_accum, seq_len, steps, mixed_precision, teacher_dtype, data, settings)
         distill(cfg, None, work)
         records = [r for r in read_metrics(work) if r["step"] > 1]
         return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
@@ -111,7 +111,7 @@ def _peak_rss_since_reset_mib() -> float:
     return float("nan")
 
 
-def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data: str, recompute: str | None,
+def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data: str, settings: dict,
                      mixed_precision: str, teacher_dtype: str) -> dict:
     """Seconds per step in each labelled part of the trainer's step (``torch.profiler``, steps 2..),
     the step's tokens/s and the peak RSS while stepping (run this in a fresh process)."""
@@ -120,7 +120,7 @@ def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data
     work = Path(tempfile.mkdtemp(prefix="upq-bench-distill-"))
     prof = profile(activities=[ProfilerActivity.CPU])
     try:
-        cfg = _trainer_config(batch, grad_accum, seq_len, steps, mixed_precision, teacher_dtype, data, recompute)
+        cfg = _trainer_config(batch, grad_accum, seq_len, steps, mixed_precision, teacher_dtype, data, settings)
         peak_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         warm_peak = [0.0]
 
@@ -144,6 +144,18 @@ def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """The ``DistillConfig`` fields set on the command line (``--recompute``, ``--block-cache-mib``)."""
+    chosen = {"gradient_checkpointing": args.recompute, "block_cache_mib": args.block_cache_mib}
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
+def _setting_flags(args: argparse.Namespace) -> list[str]:
+    """:func:`_settings` as command-line flags."""
+    flags = ["--recompute", args.recompute] if args.recompute else []
+    return flags + (["--block-cache-mib", str(args.block_cache_mib)] if args.block_cache_mib is not None else [])
+
+
 def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: str, teacher_dtype: str,
                         source: Path | None = None) -> dict:
     """:func:`_trainer_rate` (``mode="rate"``) or :func:`_trainer_profile` (``"profile"``) in a fresh
@@ -154,7 +166,7 @@ def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: st
     cmd = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     if source is None:
         cmd += ["--grad-accum", str(args.grad_accum), "--data", args.data]
-        cmd += ["--recompute", args.recompute] if args.recompute else []
+        cmd += _setting_flags(args)
     else:
         script, env = source / "bench" / "distill_throughput.py", {**os.environ, "PYTHONPATH": str(source / "src")}
     cmd = [sys.executable, str(script), f"--trainer-{mode}", mixed_precision, teacher_dtype, *cmd]
@@ -175,11 +187,13 @@ def write_rate_runs(args: argparse.Namespace) -> None:
         print(json.dumps(run), flush=True)
     command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --batch {args.batch} "
                f"--grad-accum {args.grad_accum} --data {args.data}"
-               + (f" --recompute {args.recompute}" if args.recompute else "") + (" --baseline-src BASELINE" if args.baseline_src else "")
+               + "".join(f" {flag}" for flag in _setting_flags(args)) + (" --baseline-src BASELINE" if args.baseline_src else "")
                + f" --name {args.name}")
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "batch": args.batch, "grad_accum": args.grad_accum, "seq_len": args.seq_len, "data": args.data,
-              "recompute": args.recompute or DistillConfig.gradient_checkpointing, "timed_steps": args.steps,
+              "recompute": args.recompute or DistillConfig.gradient_checkpointing,
+              "block_cache_mib": args.block_cache_mib if args.block_cache_mib is not None else DistillConfig.block_cache_mib,
+              "timed_steps": args.steps,
               "baseline": args.baseline_label if args.baseline_src else None, "runs": runs, "command": command}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)
@@ -187,7 +201,7 @@ def write_rate_runs(args: argparse.Namespace) -> None:
     lines = [f"# Distillation step without the profiler: SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores)", "",
              f"fp32 step of the real trainer (teacher fp32, gJSD 0.5, AdamW), {args.batch} x {args.seq_len} tokens "
              f"per micro-batch, {args.grad_accum} micro-batch(es) per step, {args.data} data, recomputation "
-             f"`{report['recompute']}`; median tokens/s "
+             f"`{report['recompute']}`, block cache {report['block_cache_mib']} MiB; median tokens/s "
              f"(non-padding input tokens) of {args.steps} steps after one warm-up; peak RSS of the training process (loading included). Each run is a fresh process; "
              f"nothing else running. `{command}`" + (f"; baseline = {args.baseline_label}." if args.baseline_src else "."),
              ""]
@@ -207,7 +221,9 @@ def write_profile(args: argparse.Namespace, prof: dict) -> None:
     """``NAME.json`` / ``.md``: the fp32 distill step by part."""
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "batch": args.batch, "seq_len": args.seq_len, "profiled_steps": args.steps, **prof,
-              "command": f"python bench/distill_throughput.py --profile-only --name {args.name}"}
+              **_settings(args),
+              "command": "python bench/distill_throughput.py --profile-only"
+                         + "".join(f" {flag}" for flag in _setting_flags(args)) + f" --name {args.name}"}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)
     m, parts = report["machine"], prof["parts_s_per_step"]
@@ -237,6 +253,8 @@ def main() -> None:
                         help="training data of the distill-step rows (mix: the recipes' chat + text mix)")
     parser.add_argument("--recompute", choices=CHECKPOINTING,
                         help="the trainer's gradient_checkpointing in the distill-step rows (default: its default)")
+    parser.add_argument("--block-cache-mib", type=int,
+                        help="the trainer's block_cache_mib in the distill-step rows (default: its default)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the fwd+bwd rows (best of)")
     parser.add_argument("--name", default="distill_throughput")
@@ -251,11 +269,11 @@ def main() -> None:
     parser.add_argument("--baseline-label", default="baseline", help="what --baseline-src is, for the report")
     args = parser.parse_args()
     if args.trainer_rate:
-        print(json.dumps(_trainer_rate(args.batch, args.grad_accum, args.seq_len, args.steps, args.data, args.recompute,
+        print(json.dumps(_trainer_rate(args.batch, args.grad_accum, args.seq_len, args.steps, args.data, _settings(args),
                                        *args.trainer_rate)))
         return
     if args.trainer_profile:
-        print(json.dumps(_trainer_profile(args.batch, args.grad_accum, args.seq_len, args.steps, args.data, args.recompute,
+        print(json.dumps(_trainer_profile(args.batch, args.grad_accum, args.seq_len, args.steps, args.data, _settings(args),
                                           *args.trainer_profile)))
         return
     if args.rate_runs:

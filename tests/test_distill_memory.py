@@ -1,4 +1,4 @@
-"""Training-memory savers: recomputation modes and frozen tensors shared with the teacher."""
+"""Training-memory savers: recomputation modes, frozen tensors shared with the teacher, the CPU block cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from upq.distill.config import DistillConfig
-from upq.distill.memory import check_checkpointing, enable_checkpointing, share_frozen_tensors
+from upq.distill.memory import check_checkpointing, cpu_block_cache, enable_checkpointing, share_frozen_tensors
+from upq.kernels.native import load_native
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -89,3 +90,67 @@ class _NoMLP(torch.nn.Module):
 
     def get_decoder(self) -> torch.nn.Module:
         return self
+
+
+MIB = 1 << 20
+
+
+def _native_or_skip():
+    native = load_native()
+    if native is None:
+        pytest.skip("the native extension is unavailable")
+    return native
+
+
+def test_block_cache_reuses_freed_blocks_and_restores_the_allocator() -> None:
+    native = _native_or_skip()
+    with cpu_block_cache(8) as stats:
+        assert stats is not None and stats()["installed"]
+        start = stats()
+        first = torch.ones(MIB // 2)  # 2 MiB
+        torch.ones(16)  # below the 1 MiB floor: not the cache's
+        assert stats()["misses"] == start["misses"] + 1
+        assert stats()["mapped_bytes"] == start["mapped_bytes"] + 2 * MIB
+        ptr = first.data_ptr()
+        del first
+        assert stats()["cached_bytes"] == 2 * MIB
+        again = torch.empty(MIB // 2)
+        assert again.data_ptr() == ptr and stats()["hits"] == start["hits"] + 1 and stats()["cached_bytes"] == 0
+        big = torch.zeros(3 * MIB)  # 12 MiB, over the 8 MiB limit: unmapped as soon as it is freed
+        mapped = stats()["mapped_bytes"]
+        del big
+        assert stats()["mapped_bytes"] == mapped - 12 * MIB and stats()["cached_bytes"] == 0
+        with cpu_block_cache(8) as inner:
+            assert inner is None  # the outer block owns the cache
+        assert stats()["installed"]
+        kept = torch.full((MIB // 2,), 3.0)
+    after = native.block_cache_stats()
+    assert not after["installed"] and after["cached_bytes"] == 0
+    assert float(kept.sum()) == 3.0 * (MIB // 2)  # blocks outlive the cache block
+    del kept, again
+    assert native.block_cache_stats()["mapped_bytes"] == after["mapped_bytes"] - 4 * MIB
+    torch.ones(MIB // 2)
+    assert native.block_cache_stats()["misses"] == after["misses"]  # the default allocator serves again
+
+
+def test_block_cache_evicts_the_oldest_block_and_reuses_the_newest() -> None:
+    _native_or_skip()
+    with cpu_block_cache(4) as stats:
+        blocks = [torch.empty(MIB // 2) for _ in range(3)]
+        ptrs = [b.data_ptr() for b in blocks]
+        mapped = stats()["mapped_bytes"]
+        while blocks:  # freed in order: the third no longer fits in 4 MiB, so the first goes
+            del blocks[0]
+        assert stats()["cached_bytes"] == 4 * MIB and stats()["mapped_bytes"] == mapped - 2 * MIB
+        reused = [torch.empty(MIB // 2) for _ in range(3)]
+        assert [r.data_ptr() for r in reused[:2]] == [ptrs[2], ptrs[1]]
+        assert reused[2].data_ptr() not in ptrs[1:]
+
+
+def test_block_cache_off_and_limits_are_checked() -> None:
+    with cpu_block_cache(0) as stats:
+        assert stats is None
+    with pytest.raises(ValueError, match="block_cache_mib must be >= 0"):
+        DistillConfig(student_init="direct", steps=1, block_cache_mib=-1)
+    plain = DistillConfig(student_init="direct", steps=1)
+    assert DistillConfig(student_init="direct", steps=1, block_cache_mib=0).fingerprint(1) == plain.fingerprint(1)

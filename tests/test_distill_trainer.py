@@ -121,6 +121,26 @@ def test_direct_init_and_recomputation_give_the_same_training(setup, tiny_model_
     assert all(torch.equal(plain[k], recomputed[k]) for k in plain)
 
 
+def test_block_cache_gives_the_same_training(setup, tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from upq.distill import memory
+    from upq.kernels.native import load_native
+
+    native = load_native()
+    if native is None:
+        pytest.skip("the native extension is unavailable")
+    monkeypatch.setattr(memory, "BLOCK_CACHE_MIN_BYTES", 4096)  # the tiny model's tensors go through it too
+    _, corpus = setup
+    runs = {}
+    for limit in (0, 1):  # off; a 1 MiB cache that also evicts
+        cfg = tiny_config(None, corpus, student_init="direct", model=str(tiny_model_dir), steps=3, block_cache_mib=limit)
+        hits = native.block_cache_stats()["hits"]
+        runs[limit] = distill(cfg, tmp_path / f"{limit}-out", tmp_path / str(limit))
+        assert (native.block_cache_stats()["hits"] > hits) == bool(limit)
+    assert runs[1].losses == runs[0].losses
+    plain, cached = load(tmp_path / "0-out").state_dict(), load(tmp_path / "1-out").state_dict()
+    assert all(torch.equal(plain[k], cached[k]) for k in plain)
+
+
 def test_lr_schedule_warms_up_then_decays() -> None:
     values = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
     assert values[0] < values[9] <= 1.0 and values[10] == pytest.approx(1.0)

@@ -327,7 +327,7 @@ DISTILL_FIELDS: FieldMap = {
     "lr_scale": ("lr_scale",), "scale_eps": ("scale_eps",), "warmup_steps": ("warmup_steps",),
     "warmup_ratio": ("warmup_ratio",), "min_lr_ratio": ("min_lr_ratio",), "max_grad_norm": ("max_grad_norm",),
     "mixed_precision": ("mixed_precision",), "teacher_dtype": ("teacher_dtype",),
-    "gradient_checkpointing": ("gradient_checkpointing",), "cpu": ("cpu",), "seed": ("seed", "data.chat.seed"),
+    "gradient_checkpointing": ("gradient_checkpointing",), "block_cache_mib": ("block_cache_mib",), "cpu": ("cpu",), "seed": ("seed", "data.chat.seed"),
     "log_every": ("log_every",), "eval_every": ("eval_every",), "save_every": ("save_every",),
     "keep_checkpoints": ("keep_checkpoints",),
 }
@@ -400,6 +400,8 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     opt("--teacher-dtype", choices=list(TEACHER_DTYPES))
     opt("--gradient-checkpointing", choices=list(CHECKPOINTING),
         help="recompute in backward to save memory: mlp (decoder MLPs), layers (whole layers), none")
+    opt("--block-cache-mib", type=int, help="CPU: MiB of freed large blocks kept for reuse by the native block "
+        "cache (0: the default allocator)")
     opt("--cpu", action="store_true", help="train on CPU even if a GPU is present")
     opt("--seed", type=int)
     opt("--eval-every", type=int, help="held-out KL every N steps (0: never)")

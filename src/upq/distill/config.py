@@ -18,8 +18,8 @@ from .student import INITS, Calibration
 MIXED_PRECISION = ("auto", "no", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 # Fields that do not change the training trajectory: a run may resume with other values.
-# gradient_checkpointing only trades memory for recomputation: the numbers are the same
-_NOT_TRAJECTORY = {"gradient_checkpointing", "log_every", "eval_every", "save_every", "keep_checkpoints", "steps", "tokens"}
+# gradient_checkpointing and block_cache_mib only trade memory and time: the numbers are the same
+_NOT_TRAJECTORY = {"gradient_checkpointing", "block_cache_mib", "log_every", "eval_every", "save_every", "keep_checkpoints", "steps", "tokens"}
 
 
 @dataclass
@@ -86,6 +86,9 @@ class DistillConfig:
     mixed_precision: str = "auto"
     teacher_dtype: str = "auto"
     gradient_checkpointing: str = "mlp"  # memory.CHECKPOINTING; bench/results/distill_rate_memory.md
+    # MiB of freed >= 1 MiB CPU blocks kept for reuse (memory.cpu_block_cache; 0: glibc malloc);
+    # bench/results/distill_block_cache.md
+    block_cache_mib: int = 128
     cpu: bool = False
 
     log_every: int = 10
@@ -132,6 +135,8 @@ class DistillConfig:
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         self.gradient_checkpointing = check_checkpointing(self.gradient_checkpointing)
+        if self.block_cache_mib < 0:
+            raise ValueError(f"block_cache_mib must be >= 0 (0 turns the block cache off), got {self.block_cache_mib}")
         if self.save_every < 1 or self.log_every < 1 or self.eval_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("save_every, log_every, keep_checkpoints must be >= 1 and eval_every >= 0")
         self.spec  # validates grid / bits / group size

@@ -7,6 +7,9 @@
   (transformers' own gradient checkpointing): less memory still, one more student forward.
 * **Shared frozen tensors**: the student's frozen parameters that equal the teacher's (the
   embedding and a tied head, normally) use the teacher's storage instead of a second copy.
+* **Block cache** (``DistillConfig.block_cache_mib``): on CPU, tensors of 1 MiB and more come
+  from the native block cache (``kernels/csrc/block_cache.cpp``) instead of glibc's heap, which
+  fragments under a training step's mix of lifetimes and keeps freed memory resident.
 
 Recomputing is deterministic here (same inputs, same kernels), so gradients are identical with
 and without it; ``tests/test_distill_memory.py`` checks that.
@@ -14,13 +17,20 @@ and without it; ``tests/test_distill_memory.py`` checks that.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.native import load_native
+from ..logs import get_logger
+
 CHECKPOINTING = ("none", "mlp", "layers")
+# Requests below this size stay with the default allocator (small tensors do not fragment the heap).
+BLOCK_CACHE_MIN_BYTES = 1 << 20
+log = get_logger("distill.memory")
 
 
 def check_checkpointing(mode: Any) -> str:
@@ -79,3 +89,25 @@ def share_frozen_tensors(student: nn.Module, teacher: nn.Module) -> int:
         mine.data = other.data
         saved += mine.numel() * mine.element_size()
     return saved
+
+
+@contextmanager
+def cpu_block_cache(limit_mib: int) -> Iterator[Callable[[], dict[str, int]] | None]:
+    """Serve CPU tensors of at least :data:`BLOCK_CACHE_MIN_BYTES` from the native block cache
+    inside the block, keeping at most ``limit_mib`` MiB of freed blocks for reuse. Yields a
+    function returning the cache's counters, or None when ``limit_mib`` is 0, the native extension
+    is unavailable or a cache is already active (an outer block owns it)."""
+    native = load_native() if limit_mib > 0 else None
+    if native is None:
+        if limit_mib > 0:
+            log.info("block cache off: the native extension is unavailable")
+        yield None
+        return
+    if not native.block_cache_install(BLOCK_CACHE_MIN_BYTES, limit_mib << 20):
+        yield None
+        return
+    native.block_cache_reset_peak()
+    try:
+        yield native.block_cache_stats
+    finally:
+        native.block_cache_uninstall()

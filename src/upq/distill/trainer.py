@@ -36,7 +36,7 @@ from ..modules import pack_model
 from .config import DistillConfig
 from .data import Batch, SampleStream, build_stream, collate, heldout_samples
 from .losses import BoundLoss, chunked_loss, estimate_cakld_gamma
-from .memory import enable_checkpointing, share_frozen_tensors
+from .memory import cpu_block_cache, enable_checkpointing, share_frozen_tensors
 from .state import ResumeError, TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..trainable import lr_factor, trainable_groups, trainable_state
 from .student import Student, build_student
@@ -339,6 +339,18 @@ def distill(
     if acc.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
+    with cpu_block_cache(cfg.block_cache_mib if run.device.type == "cpu" else 0) as cache_stats:
+        result = _train(run, out_dir, on_step)
+        if cache_stats is not None:
+            stats = cache_stats()
+            log.info("block cache: peak %.0f MiB mapped, %.1f%% of requests reused a block",
+                     stats["peak_mapped_bytes"] / 2**20, 100 * stats["hits"] / max(stats["hits"] + stats["misses"], 1))
+    return result
+
+
+def _train(run: _Run, out_dir: str | Path | None, on_step: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+    """:func:`distill` once its run and work directory exist."""
+    cfg, acc, work_dir = run.cfg, run.acc, run.work_dir
     run.build()
     state = run.resume()
     resumed_from = state.step

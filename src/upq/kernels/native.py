@@ -27,7 +27,7 @@ import torch
 from ..assets import cache_dir
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("upq_cpu.cpp", "llama_decoder.cpp", "dense_gemv.cpp", "gjsd_loss.cpp")
+SOURCES = ("upq_cpu.cpp", "llama_decoder.cpp", "dense_gemv.cpp", "gjsd_loss.cpp", "block_cache.cpp")
 DEPENDS = ("kernels.h", "kernel_body.inc", "group_params.inc", "multiversion.h")
 # -fno-math-errno / -fno-trapping-math change no value (only errno and floating-point exception
 # flags, which nothing reads): they let GCC vectorize loops with sqrt/exp and branch-free selects

@@ -286,6 +286,7 @@ std::string best_isa() { return isa_name(detect_isa()); }
 
 void bind_decoder(py::module& m);  // llama_decoder.cpp
 void bind_losses(py::module& m);   // gjsd_loss.cpp
+void bind_block_cache(py::module& m);  // block_cache.cpp
 
 }  // namespace upq
 
@@ -302,4 +303,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &upq::best_isa);
   upq::bind_decoder(m);
   upq::bind_losses(m);
+  upq::bind_block_cache(m);
 }

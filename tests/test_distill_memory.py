@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from upq.distill import memory
 from upq.distill.config import DistillConfig
 from upq.distill.memory import check_checkpointing, cpu_block_cache, enable_checkpointing, share_frozen_tensors
 from upq.kernels.native import load_native
@@ -57,22 +58,31 @@ def test_mlp_recomputation_gives_identical_gradients() -> None:
     assert all(torch.equal(grads["none"][n], grads["mlp"][n]) for n in grads["none"])
 
 
+def _saved_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the tensors a forward of ``model`` keeps for backward."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.zeros(2, 12, dtype=torch.long))
+    return total[0]
+
+
 def test_mlp_recomputation_keeps_fewer_tensors_for_backward() -> None:
-    def saved_bytes(mode: str) -> int:
-        model = _tiny_llama()
-        enable_checkpointing(model, mode)
-        total = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            total[0] += t.numel() * t.element_size()
-            return t
-
-        ids = torch.zeros(2, 12, dtype=torch.long)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids)
-        return total[0]
-
-    assert saved_bytes("mlp") < saved_bytes("none")
+    kept = {}
+    for mode in ("none", "mlp"):
+        kept[mode] = _tiny_llama()
+        enable_checkpointing(kept[mode], mode)
+    mlp_only = _tiny_llama()  # the MLPs recomputed, the post-attention norms not
+    for layer in mlp_only.model.layers:
+        layer.mlp.forward = memory._recomputed(type(layer.mlp).forward.__get__(layer.mlp))
+    hidden_bytes = 2 * 12 * 16 * 4
+    assert _saved_bytes(kept["mlp"]) < _saved_bytes(mlp_only) < _saved_bytes(kept["none"])
+    # each of the 2 layers keeps the norm's output no more (the MLP's input is the norm's input)
+    assert _saved_bytes(kept["mlp"]) <= _saved_bytes(mlp_only) - 2 * hidden_bytes
 
 
 def test_recomputation_mode_is_checked() -> None:

@@ -1,9 +1,10 @@
 """Training-memory savers that leave every number unchanged.
 
 * **Recomputation** (``DistillConfig.gradient_checkpointing``): ``mlp`` keeps only each decoder
-  MLP's input for backward and recomputes the MLP there (gate, up, SiLU, product and down, with
-  their quantized weights), instead of keeping four intermediate-sized tensors per layer, the
-  largest share of a Llama layer's saved activations. ``layers`` recomputes whole decoder layers
+  MLP's input for backward and recomputes the MLP there (gate, up, SiLU and product, with their
+  quantized weights), instead of keeping four intermediate-sized tensors per layer, the largest
+  share of a Llama layer's saved activations. In the layers of :data:`NORM_FEEDS_MLP` the
+  post-attention RMSNorm joins the recomputed region, so its output is not kept either. ``layers`` recomputes whole decoder layers
   (transformers' own gradient checkpointing): less memory still, one more student forward.
 * **Shared frozen tensors**: the student's frozen parameters that equal the teacher's (the
   embedding and a tied head, normally) use the teacher's storage instead of a second copy.
@@ -51,13 +52,35 @@ def _recomputed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
     return run
 
 
-def _decoder_mlps(lm: nn.Module) -> list[nn.Module]:
-    layers = getattr(lm.get_decoder(), "layers", None)
-    mlps = [getattr(layer, "mlp", None) for layer in layers] if layers is not None else []
-    if not mlps or any(m is None for m in mlps):
+# Decoder layers whose forward is `mlp(post_attention_layernorm(h))` with nothing else reading the
+# norm's output (checked in transformers' sources; Gemma's norm of that name does something else).
+NORM_FEEDS_MLP = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    layers = list(getattr(lm.get_decoder(), "layers", None) or [])
+    if not layers or any(getattr(layer, "mlp", None) is None for layer in layers):
         raise ValueError(f"gradient_checkpointing='mlp' needs decoder layers with an `mlp` module; "
                          f"{type(lm).__name__} has none (use 'layers' or 'none')")
-    return mlps
+    return layers
+
+
+def _recompute_mlp(layer: nn.Module) -> None:
+    """Make ``layer``'s MLP (with its input norm where :data:`NORM_FEEDS_MLP` allows) one recomputed
+    region. Instance attributes shadow the classes' forwards: names and state dict are unchanged."""
+    mlp = layer.mlp
+    mlp_forward = type(mlp).forward.__get__(mlp)
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if type(layer).__name__ in NORM_FEEDS_MLP and norm is not None:
+        norm_forward = type(norm).forward.__get__(norm)
+        norm.forward = _identity
+        mlp.forward = _recomputed(lambda hidden: mlp_forward(norm_forward(hidden)))
+    else:
+        mlp.forward = _recomputed(mlp_forward)
 
 
 def enable_checkpointing(lm: nn.Module, mode: str) -> None:
@@ -69,9 +92,8 @@ def enable_checkpointing(lm: nn.Module, mode: str) -> None:
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif mode == "mlp":
-        for mlp in _decoder_mlps(lm):
-            # the instance attribute shadows the class's forward; names and state dict are unchanged
-            mlp.forward = _recomputed(type(mlp).forward.__get__(mlp))
+        for layer in _decoder_layers(lm):
+            _recompute_mlp(layer)
 
 
 @torch.no_grad()

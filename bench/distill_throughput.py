@@ -185,7 +185,7 @@ def write_rate_runs(args: argparse.Namespace) -> None:
         run["this"] = _trainer_subprocess(args, "rate", "no", "float32")
         runs.append(run)
         print(json.dumps(run), flush=True)
-    command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --batch {args.batch} "
+    command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --steps {args.steps} --batch {args.batch} "
                f"--grad-accum {args.grad_accum} --data {args.data}"
                + "".join(f" {flag}" for flag in _setting_flags(args)) + (" --baseline-src BASELINE" if args.baseline_src else "")
                + f" --name {args.name}")
@@ -222,7 +222,7 @@ def write_profile(args: argparse.Namespace, prof: dict) -> None:
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "batch": args.batch, "seq_len": args.seq_len, "profiled_steps": args.steps, **prof,
               **_settings(args),
-              "command": "python bench/distill_throughput.py --profile-only"
+              "command": f"python bench/distill_throughput.py --profile-only --steps {args.steps}"
                          + "".join(f" {flag}" for flag in _setting_flags(args)) + f" --name {args.name}"}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)

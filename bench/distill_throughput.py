@@ -176,13 +176,16 @@ def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: st
 
 def write_rate_runs(args: argparse.Namespace) -> None:
     """``NAME.json`` / ``.md``: ``--rate-runs`` unprofiled fp32 trainer runs, each (with
-    ``--baseline-src``) right after a run of the baseline checkout, so every pair shares the VM's state."""
+    ``--baseline-src``) paired with a run of the baseline checkout, so every pair shares the VM's
+    state; the pairs alternate which runs first, so that a drift within a pair favours neither."""
     runs = []
     for index in range(args.rate_runs):
         run = {"run": index + 1}
-        if args.baseline_src:
-            run["baseline"] = _trainer_subprocess(args, "rate", "no", "float32", Path(args.baseline_src))
-        run["this"] = _trainer_subprocess(args, "rate", "no", "float32")
+        order = ("baseline", "this") if index % 2 == 0 else ("this", "baseline")
+        for side in order if args.baseline_src else ("this",):
+            source = Path(args.baseline_src) if side == "baseline" else None
+            run[side] = _trainer_subprocess(args, "rate", "no", "float32", source)
+        run["first"] = order[0] if args.baseline_src else "this"
         runs.append(run)
         print(json.dumps(run), flush=True)
     command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --steps {args.steps} --batch {args.batch} "
@@ -206,9 +209,9 @@ def write_rate_runs(args: argparse.Namespace) -> None:
              f"nothing else running. `{command}`" + (f"; baseline = {args.baseline_label}." if args.baseline_src else "."),
              ""]
     if args.baseline_src:
-        lines += ["| run | baseline tokens/s | this tokens/s | baseline peak RSS MiB | this peak RSS MiB |",
-                  "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['run']} | {r['baseline']['tokens_per_s']:.1f} | {r['this']['tokens_per_s']:.1f} | "
+        lines += ["| run | ran first | baseline tokens/s | this tokens/s | baseline peak RSS MiB | this peak RSS MiB |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['run']} | {r['first']} | {r['baseline']['tokens_per_s']:.1f} | {r['this']['tokens_per_s']:.1f} | "
                   f"{r['baseline']['memory_mib']:.0f} | {r['this']['memory_mib']:.0f} |" for r in runs]
     else:
         lines += ["| run | tokens/s | peak RSS MiB |", "|---:|---:|---:|"]

@@ -4,8 +4,9 @@
   MLP's input for backward and recomputes the MLP there (gate, up, SiLU and product, with their
   quantized weights), instead of keeping four intermediate-sized tensors per layer, the largest
   share of a Llama layer's saved activations. In the layers of :data:`NORM_FEEDS_MLP` the
-  post-attention RMSNorm joins the recomputed region, so its output is not kept either. ``layers`` recomputes whole decoder layers
-  (transformers' own gradient checkpointing): less memory still, one more student forward.
+  post-attention RMSNorm joins the recomputed region, so its output is not kept either.
+  ``layers`` recomputes whole decoder layers (transformers' own gradient checkpointing): less
+  memory still, one more student forward.
 * **Shared frozen tensors**: the student's frozen parameters that equal the teacher's (the
   embedding and a tied head, normally) use the teacher's storage instead of a second copy.
 * **Block cache** (``DistillConfig.block_cache_mib``): on CPU, tensors of 1 MiB and more come

@@ -144,16 +144,20 @@ def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data
         shutil.rmtree(work, ignore_errors=True)
 
 
+# DistillConfig fields this script's flags set: field -> (flag, argparse attribute)
+SETTING_FLAGS = {"gradient_checkpointing": ("--recompute", "recompute"),
+                 "block_cache_mib": ("--block-cache-mib", "block_cache_mib")}
+
+
 def _settings(args: argparse.Namespace) -> dict:
-    """The ``DistillConfig`` fields set on the command line (``--recompute``, ``--block-cache-mib``)."""
-    chosen = {"gradient_checkpointing": args.recompute, "block_cache_mib": args.block_cache_mib}
-    return {k: v for k, v in chosen.items() if v is not None}
+    """The ``DistillConfig`` fields set on the command line."""
+    chosen = {field: getattr(args, attr) for field, (_, attr) in SETTING_FLAGS.items()}
+    return {field: value for field, value in chosen.items() if value is not None}
 
 
 def _setting_flags(args: argparse.Namespace) -> list[str]:
     """:func:`_settings` as command-line flags."""
-    flags = ["--recompute", args.recompute] if args.recompute else []
-    return flags + (["--block-cache-mib", str(args.block_cache_mib)] if args.block_cache_mib is not None else [])
+    return [part for field, value in _settings(args).items() for part in (SETTING_FLAGS[field][0], str(value))]
 
 
 def _trainer_subprocess(args: argparse.Namespace, mode: str, mixed_precision: str, teacher_dtype: str,
@@ -190,7 +194,8 @@ def write_rate_runs(args: argparse.Namespace) -> None:
         print(json.dumps(run), flush=True)
     command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --steps {args.steps} --batch {args.batch} "
                f"--grad-accum {args.grad_accum} --data {args.data}"
-               + "".join(f" {flag}" for flag in _setting_flags(args)) + (" --baseline-src BASELINE" if args.baseline_src else "")
+               + "".join(f" {part}" for part in _setting_flags(args))
+               + (" --baseline-src BASELINE" if args.baseline_src else "")
                + f" --name {args.name}")
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "batch": args.batch, "grad_accum": args.grad_accum, "seq_len": args.seq_len, "data": args.data,
@@ -226,7 +231,7 @@ def write_profile(args: argparse.Namespace, prof: dict) -> None:
               "batch": args.batch, "seq_len": args.seq_len, "profiled_steps": args.steps, **prof,
               **_settings(args),
               "command": f"python bench/distill_throughput.py --profile-only --steps {args.steps}"
-                         + "".join(f" {flag}" for flag in _setting_flags(args)) + f" --name {args.name}"}
+                         + "".join(f" {part}" for part in _setting_flags(args)) + f" --name {args.name}"}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)
     m, parts = report["machine"], prof["parts_s_per_step"]

@@ -327,7 +327,8 @@ DISTILL_FIELDS: FieldMap = {
     "lr_scale": ("lr_scale",), "scale_eps": ("scale_eps",), "warmup_steps": ("warmup_steps",),
     "warmup_ratio": ("warmup_ratio",), "min_lr_ratio": ("min_lr_ratio",), "max_grad_norm": ("max_grad_norm",),
     "mixed_precision": ("mixed_precision",), "teacher_dtype": ("teacher_dtype",),
-    "gradient_checkpointing": ("gradient_checkpointing",), "block_cache_mib": ("block_cache_mib",), "cpu": ("cpu",), "seed": ("seed", "data.chat.seed"),
+    "gradient_checkpointing": ("gradient_checkpointing",), "block_cache_mib": ("block_cache_mib",),
+    "cpu": ("cpu",), "seed": ("seed", "data.chat.seed"),
     "log_every": ("log_every",), "eval_every": ("eval_every",), "save_every": ("save_every",),
     "keep_checkpoints": ("keep_checkpoints",),
 }

@@ -19,7 +19,8 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 # Fields that do not change the training trajectory: a run may resume with other values.
 # gradient_checkpointing and block_cache_mib only trade memory and time: the numbers are the same
-_NOT_TRAJECTORY = {"gradient_checkpointing", "block_cache_mib", "log_every", "eval_every", "save_every", "keep_checkpoints", "steps", "tokens"}
+_NOT_TRAJECTORY = {"gradient_checkpointing", "block_cache_mib", "log_every", "eval_every", "save_every",
+                   "keep_checkpoints", "steps", "tokens"}
 
 
 @dataclass

@@ -3,13 +3,14 @@
 // for the next request of the same page-rounded size. A training step asks for the same sizes
 // in the same order every time, so nearly every request is served from the cache: no page
 // faults, and no glibc heap that fragments and keeps freed memory resident (see
-// docs/design.md, "Training memory"). Smaller requests go to the allocator it replaced.
+// docs/design.md, "Freed memory"). Smaller requests go to the allocator it replaced.
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <deque>
+#include <atomic>
+#include <list>
 #include <mutex>
-#include <tuple>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -26,9 +27,6 @@ struct Mapping {
   size_t size;
 };
 
-// The context of every block is its own address (as Allocator::raw_allocate requires: oneDNN
-// allocates its scratch memory that way), so the cache keeps each live block's size.
-
 class BlockCache final : public c10::Allocator {
  public:
   static BlockCache& instance() {
@@ -36,15 +34,13 @@ class BlockCache final : public c10::Allocator {
     return *cache;
   }
 
+  // The context of every block is its own address (as Allocator::raw_allocate requires: oneDNN
+  // allocates its scratch memory that way), so the cache keeps each live block's size. Requests
+  // it does not serve take no lock.
   c10::DataPtr allocate(size_t n) override {
-    c10::Allocator* fallback;
-    bool mine;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fallback = fallback_;
-      mine = active_ && n >= min_bytes_;
+    if (!active_.load(std::memory_order_acquire) || n < min_bytes_.load(std::memory_order_relaxed)) {
+      return fallback_->allocate(n);
     }
-    if (!mine) return fallback->allocate(n);
     const size_t size = (n + kPage - 1) & ~(kPage - 1);
     void* ptr = take(size);
     if (ptr == nullptr) {
@@ -78,7 +74,7 @@ class BlockCache final : public c10::Allocator {
     }
     min_bytes_ = static_cast<size_t>(min_bytes);
     limit_ = static_cast<size_t>(limit);
-    active_ = true;
+    active_.store(true, std::memory_order_release);
     return true;
   }
 
@@ -97,7 +93,7 @@ class BlockCache final : public c10::Allocator {
 
   std::unordered_map<std::string, int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {{"installed", active_}, {"mapped_bytes", static_cast<int64_t>(mapped_)},
+    return {{"installed", active_.load()}, {"mapped_bytes", static_cast<int64_t>(mapped_)},
             {"peak_mapped_bytes", static_cast<int64_t>(peak_mapped_)}, {"cached_bytes", static_cast<int64_t>(cached_)},
             {"hits", hits_}, {"misses", misses_}};
   }
@@ -109,24 +105,23 @@ class BlockCache final : public c10::Allocator {
   }
 
  private:
+  using Cached = std::list<Mapping>::iterator;
+
   // Frees a block of this cache, or (raw_deallocate of a small request) one of the fallback's.
   static void release(void* ptr) {
     BlockCache& cache = instance();
     size_t size = 0;
-    c10::DeleterFnPtr fallback_free = nullptr;
     {
       std::lock_guard<std::mutex> lock(cache.mu_);
       auto live = cache.live_.find(ptr);
-      if (live == cache.live_.end()) {
-        fallback_free = cache.fallback_->raw_deleter();
-      } else {
+      if (live != cache.live_.end()) {
         size = live->second;
         cache.live_.erase(live);
       }
     }
-    if (fallback_free != nullptr) {
-      fallback_free(ptr);
-    } else if (size != 0) {
+    if (size == 0) {
+      cache.fallback_->raw_deleter()(ptr);
+    } else {
       cache.give_back({ptr, size});
     }
   }
@@ -135,9 +130,10 @@ class BlockCache final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mu_);
     auto bin = bins_.find(size);
     if (bin == bins_.end() || bin->second.empty()) return nullptr;
-    void* ptr = bin->second.back();  // the most recently freed: likeliest still in the CPU caches
+    const Cached newest = bin->second.back();  // the most recently freed: likeliest still in the CPU caches
     bin->second.pop_back();
-    cached_at_.erase(ptr);
+    void* ptr = newest->ptr;
+    cached_list_.erase(newest);
     cached_ -= size;
     ++hits_;
     live_[ptr] = size;
@@ -151,12 +147,9 @@ class BlockCache final : public c10::Allocator {
       if (!active_ || mapping.size > limit_) {
         drop.push_back(mapping);
       } else {
-        bins_[mapping.size].push_back(mapping.ptr);
-        cached_at_[mapping.ptr] = ++clock_;
-        freed_.emplace_back(mapping.ptr, mapping.size, clock_);
+        bins_[mapping.size].push_back(cached_list_.insert(cached_list_.end(), mapping));
         cached_ += mapping.size;
         drop = evict(limit_);
-        if (freed_.size() > 4 * cached_at_.size() + 1024) forget_stale();
       }
     }
     unmap(drop);
@@ -165,28 +158,15 @@ class BlockCache final : public c10::Allocator {
   // Takes the oldest cached mappings out until at most `limit` bytes stay cached (holds mu_).
   std::vector<Mapping> evict(size_t limit) {
     std::vector<Mapping> drop;
-    while (cached_ > limit && !freed_.empty()) {
-      auto [ptr, size, at] = freed_.front();
-      freed_.pop_front();
-      auto cached = cached_at_.find(ptr);
-      if (cached == cached_at_.end() || cached->second != at) continue;  // reused since: stale entry
-      cached_at_.erase(cached);
-      auto& bin = bins_[size];
-      bin.erase(std::find(bin.begin(), bin.end(), ptr));
-      cached_ -= size;
-      drop.push_back({ptr, size});
+    while (cached_ > limit) {
+      const Cached oldest = cached_list_.begin();
+      auto& bin = bins_[oldest->size];
+      bin.erase(std::find(bin.begin(), bin.end(), oldest));
+      drop.push_back(*oldest);
+      cached_ -= oldest->size;
+      cached_list_.erase(oldest);
     }
     return drop;
-  }
-
-  // Drops the entries of `freed_` whose mapping has been reused (holds mu_).
-  void forget_stale() {
-    std::deque<std::tuple<void*, size_t, uint64_t>> live;
-    for (const auto& entry : freed_) {
-      auto cached = cached_at_.find(std::get<0>(entry));
-      if (cached != cached_at_.end() && cached->second == std::get<2>(entry)) live.push_back(entry);
-    }
-    freed_.swap(live);
   }
 
   void unmap(const std::vector<Mapping>& drop) {
@@ -201,14 +181,13 @@ class BlockCache final : public c10::Allocator {
   }
 
   std::mutex mu_;
-  c10::Allocator* fallback_ = nullptr;
-  bool active_ = false;
-  size_t min_bytes_ = 1 << 20, limit_ = 0;
-  std::unordered_map<size_t, std::vector<void*>> bins_;               // page-rounded size -> cached mappings
-  std::deque<std::tuple<void*, size_t, uint64_t>> freed_;             // cached mappings, oldest first
-  std::unordered_map<void*, uint64_t> cached_at_;                     // cached mapping -> when it was freed
-  std::unordered_map<void*, size_t> live_;                            // mapping in use -> its size
-  uint64_t clock_ = 0;
+  c10::Allocator* fallback_ = nullptr;  // set once, before this becomes the CPU allocator
+  std::atomic<bool> active_{false};
+  std::atomic<size_t> min_bytes_{1 << 20};
+  size_t limit_ = 0;
+  std::list<Mapping> cached_list_;                               // freed mappings kept, oldest first
+  std::unordered_map<size_t, std::vector<Cached>> bins_;         // page-rounded size -> its cached mappings
+  std::unordered_map<void*, size_t> live_;                       // mapping in use -> its size
   size_t cached_ = 0, mapped_ = 0, peak_mapped_ = 0;
   int64_t hits_ = 0, misses_ = 0;
 };

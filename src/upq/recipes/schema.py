@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -29,6 +30,23 @@ BUDGET_BASE = {"cpu-long": "cpu"}  # a budget starts from this one's settings, t
 
 class RecipeError(ValueError):
     """A recipe file or override is malformed; the message names the offending key."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML with the 1.2 booleans: only ``true`` / ``false``, so ``mixed_precision: no`` stays the
+    string ``"no"`` instead of YAML 1.1's ``False``."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 def stage_classes() -> dict[str, type]:
@@ -148,7 +166,7 @@ def read_recipe_file(name_or_path: str) -> dict[str, Any]:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise RecipeError(f"unknown recipe {name_or_path!r}: not a file and not one of {builtin_recipes()}")
-    data = yaml.safe_load(path.read_text())
+    data = _load_yaml(path.read_text())
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping")
     return data
@@ -165,7 +183,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if raw.strip().startswith("@"):  # a placeholder such as @previous (YAML reserves '@')
         return parts, raw.strip()
     try:
-        return parts, yaml.safe_load(raw)
+        return parts, _load_yaml(raw)
     except yaml.YAMLError as exc:
         raise RecipeError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from exc
 

@@ -144,6 +144,10 @@ def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data
         shutil.rmtree(work, ignore_errors=True)
 
 
+# --precision -> (DistillConfig.mixed_precision, DistillConfig.teacher_dtype), and how the report names it
+PRECISIONS = {"fp32": (("no", "float32"), "fp32 step of the real trainer (teacher fp32"),
+              "bf16": (("bf16", "bfloat16"), "bf16-autocast step of the real trainer (teacher bf16")}
+
 # DistillConfig fields this script's flags set: field -> (flag, argparse attribute)
 SETTING_FLAGS = {"gradient_checkpointing": ("--recompute", "recompute"),
                  "block_cache_mib": ("--block-cache-mib", "block_cache_mib")}
@@ -188,18 +192,19 @@ def write_rate_runs(args: argparse.Namespace) -> None:
         order = ("baseline", "this") if index % 2 == 0 else ("this", "baseline")
         for side in order if args.baseline_src else ("this",):
             source = Path(args.baseline_src) if side == "baseline" else None
-            run[side] = _trainer_subprocess(args, "rate", "no", "float32", source)
+            run[side] = _trainer_subprocess(args, "rate", *PRECISIONS[args.precision][0], source)
         run["first"] = order[0] if args.baseline_src else "this"
         runs.append(run)
         print(json.dumps(run), flush=True)
-    command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --steps {args.steps} --batch {args.batch} "
+    command = (f"python bench/distill_throughput.py --rate-runs {args.rate_runs} --precision {args.precision} "
+               f"--steps {args.steps} --batch {args.batch} "
                f"--grad-accum {args.grad_accum} --data {args.data}"
                + "".join(f" {part}" for part in _setting_flags(args))
                + (" --baseline-src BASELINE" if args.baseline_src else "")
                + f" --name {args.name}")
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "batch": args.batch, "grad_accum": args.grad_accum, "seq_len": args.seq_len, "data": args.data,
-              "recompute": args.recompute or DistillConfig.gradient_checkpointing,
+              "precision": args.precision, "recompute": args.recompute or DistillConfig.gradient_checkpointing,
               "block_cache_mib": args.block_cache_mib if args.block_cache_mib is not None else DistillConfig.block_cache_mib,
               "timed_steps": args.steps,
               "baseline": args.baseline_label if args.baseline_src else None, "runs": runs, "command": command}
@@ -207,7 +212,7 @@ def write_rate_runs(args: argparse.Namespace) -> None:
     write_json_atomic(RESULTS / f"{args.name}.json", report)
     m = report["machine"]
     lines = [f"# Distillation step without the profiler: SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores)", "",
-             f"fp32 step of the real trainer (teacher fp32, gJSD 0.5, AdamW), {args.batch} x {args.seq_len} tokens "
+             f"{PRECISIONS[args.precision][1]}, gJSD 0.5, AdamW), {args.batch} x {args.seq_len} tokens "
              f"per micro-batch, {args.grad_accum} micro-batch(es) per step, {args.data} data, recomputation "
              f"`{report['recompute']}`, block cache {report['block_cache_mib']} MiB; median tokens/s "
              f"(non-padding input tokens) of {args.steps} steps after one warm-up; peak RSS of the training process (loading included). Each run is a fresh process; "
@@ -226,18 +231,18 @@ def write_rate_runs(args: argparse.Namespace) -> None:
 
 
 def write_profile(args: argparse.Namespace, prof: dict) -> None:
-    """``NAME.json`` / ``.md``: the fp32 distill step by part."""
+    """``NAME.json`` / ``.md``: the distill step by part."""
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
-              "batch": args.batch, "seq_len": args.seq_len, "profiled_steps": args.steps, **prof,
+              "batch": args.batch, "seq_len": args.seq_len, "precision": args.precision, "profiled_steps": args.steps, **prof,
               **_settings(args),
-              "command": f"python bench/distill_throughput.py --profile-only --steps {args.steps}"
+              "command": f"python bench/distill_throughput.py --profile-only --precision {args.precision} --steps {args.steps}"
                          + "".join(f" {part}" for part in _setting_flags(args)) + f" --name {args.name}"}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)
     m, parts = report["machine"], prof["parts_s_per_step"]
     step = sum(parts.values())
     lines = [f"# Distill step by part: SmolLM2-135M-Instruct on {m['cpu']} ({m['cores']} cores, CPU only)", "",
-             f"One fp32 distillation step of the real trainer (teacher fp32, gJSD 0.5, AdamW), batch {args.batch} x "
+             f"One {PRECISIONS[args.precision][1]}, gJSD 0.5, AdamW), batch {args.batch} x "
              f"{args.seq_len} tokens; `torch.profiler` over {args.steps} steps after one warm-up, seconds per step "
              f"in each labelled part (`record_function` in `distill/trainer.py`). `{report['command']}`, idle machine.", "",
              "| part | s / step | share |", "|---|---:|---:|"]
@@ -267,12 +272,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the fwd+bwd rows (best of)")
     parser.add_argument("--name", default="distill_throughput")
     parser.add_argument("--profile-only", action="store_true",
-                        help="only the fp32 distill step, profiled by part (writes NAME.json / .md)")
+                        help="only the distill step, profiled by part (writes NAME.json / .md)")
     parser.add_argument("--trainer-rate", nargs=2, metavar=("MIXED_PRECISION", "TEACHER_DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--trainer-profile", nargs=2, metavar=("MIXED_PRECISION", "TEACHER_DTYPE"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--rate-runs", type=int, default=0,
-                        help="only N unprofiled runs of the fp32 distill step (writes NAME.json / .md)")
+                        help="only N unprofiled runs of the distill step (writes NAME.json / .md)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="the step's precision in --rate-runs and --profile-only (bf16: autocast and a bf16 teacher)")
     parser.add_argument("--baseline-src", help="with --rate-runs: a checkout whose step runs before each run")
     parser.add_argument("--baseline-label", default="baseline", help="what --baseline-src is, for the report")
     args = parser.parse_args()
@@ -290,7 +297,7 @@ def main() -> None:
         write_rate_runs(args)
         return
     if args.profile_only:
-        write_profile(args, _trainer_subprocess(args, "profile", "no", "float32"))
+        write_profile(args, _trainer_subprocess(args, "profile", *PRECISIONS[args.precision][0]))
         return
 
     load_before = os.getloadavg()

@@ -11,7 +11,8 @@ import torch
 from distill_helpers import one_thread, tiny_config, write_corpus, write_int4  # noqa: F401 (fixture)
 from upq.checkpoint import load, read_quantization_config
 from upq.distill.state import ResumeError, latest_checkpoint
-from upq.distill.trainer import NonFiniteLossError, distill, read_metrics
+from upq.distill.config import DistillConfig
+from upq.distill.trainer import NonFiniteLossError, _teacher_dtype, distill, read_metrics, use_bf16
 from upq.trainable import lr_factor
 from upq.modules import PackedLinear
 
@@ -170,6 +171,20 @@ def test_runs_with_different_precisions_share_one_process(setup, tmp_path: Path)
     fp32 = distill(tiny_config(int4, corpus, steps=2, mixed_precision="no"), None, tmp_path / "a")
     bf16 = distill(tiny_config(int4, corpus, steps=2, mixed_precision="bf16"), None, tmp_path / "b")
     assert bf16.losses != fp32.losses and bf16.losses == pytest.approx(fp32.losses, rel=0.2)
+
+
+@pytest.mark.parametrize("avx512_bf16,amx", [(False, False), (True, False), (False, True)])
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu, native = torch.device("cpu"), avx512_bf16 or amx
+    auto = DistillConfig(student_init="direct", steps=1)
+    assert use_bf16(auto, cpu) is native
+    assert _teacher_dtype(auto, cpu) == (torch.bfloat16 if native else torch.float32)
+    assert use_bf16(auto, torch.device("cuda")) and _teacher_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    fp32 = DistillConfig(student_init="direct", steps=1, mixed_precision="no", teacher_dtype="float32")
+    assert not use_bf16(fp32, cpu) and _teacher_dtype(fp32, cpu) == torch.float32
+    assert use_bf16(DistillConfig(student_init="direct", steps=1, mixed_precision="bf16"), cpu)
 
 
 def test_loss_schedule_switches_after_first_steps(setup, tmp_path: Path) -> None:

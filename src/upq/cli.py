@@ -397,8 +397,9 @@ def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     opt("--warmup-ratio", type=float)
     opt("--min-lr-ratio", type=float)
     opt("--max-grad-norm", type=float, help="0 disables clipping")
-    opt("--mixed-precision", choices=list(MIXED_PRECISION), help="auto: bf16 on CUDA")
-    opt("--teacher-dtype", choices=list(TEACHER_DTYPES))
+    opt("--mixed-precision", choices=list(MIXED_PRECISION),
+        help="auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32")
+    opt("--teacher-dtype", choices=list(TEACHER_DTYPES), help="auto: bfloat16 where --mixed-precision auto means bf16")
     opt("--gradient-checkpointing", choices=list(CHECKPOINTING),
         help="recompute in backward to save memory: mlp (decoder MLPs), layers (whole layers), none")
     opt("--block-cache-mib", type=int, help="CPU: MiB of freed large blocks kept for reuse by the native block "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from upq.distill.data import DataConfig
 from upq.distill.losses import chunked_loss
 from upq.distill.memory import CHECKPOINTING
 from upq.distill.student import direct_student
-from upq.distill.trainer import Backbone, distill, read_metrics
+from upq.distill.trainer import Backbone, distill, peak_rss_mib, read_metrics
 from upq.evaluation.runner import machine
 from upq.models import load_model
 from upq.modules import select_linears
@@ -103,14 +102,6 @@ def _trainer_rate(batch: int, grad_accum: int, seq_len: int, steps: int, data: s
 PARTS = ("teacher_forward", "student_forward", "loss", "backward", "optimizer", "data")
 
 
-def _peak_rss_since_reset_mib() -> float:
-    """VmHWM (peak RSS since the last ``clear_refs`` reset) of this process, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data: str, settings: dict,
                      mixed_precision: str, teacher_dtype: str) -> dict:
     """Seconds per step in each labelled part of the trainer's step (``torch.profiler``, steps 2..),
@@ -121,12 +112,12 @@ def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data
     prof = profile(activities=[ProfilerActivity.CPU])
     try:
         cfg = _trainer_config(batch, grad_accum, seq_len, steps, mixed_precision, teacher_dtype, data, settings)
-        peak_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_at_start = peak_rss_mib()
         warm_peak = [0.0]
 
         def on_step(record: dict) -> None:
             if record["step"] == 1:  # after the warm-up step: profile and measure the steady peak from here
-                warm_peak[0] = _peak_rss_since_reset_mib()
+                warm_peak[0] = peak_rss_mib()
                 Path("/proc/self/clear_refs").write_text("5")
                 prof.start()
             elif record["step"] == steps + 1:
@@ -137,8 +128,8 @@ def _trainer_profile(batch: int, grad_accum: int, seq_len: int, steps: int, data
         totals = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages() if e.key.startswith("distill.")}
         return {"parts_s_per_step": {p: round(totals.get(f"distill.{p}", 0.0), 3) for p in PARTS},
                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-                "step_peak_rss_mib": round(_peak_rss_since_reset_mib(), 1),
-                "process_peak_rss_mib": round(max(warm_peak[0], _peak_rss_since_reset_mib()), 1),
+                "step_peak_rss_mib": round(peak_rss_mib(), 1),
+                "process_peak_rss_mib": round(max(warm_peak[0], peak_rss_mib()), 1),
                 "peak_rss_before_training_mib": round(peak_at_start, 1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -343,7 +334,7 @@ def main() -> None:
              f"Batch {args.batch} x {args.seq_len} tokens, median of {args.steps} timed steps after one warm-up "
              f"(fwd+bwd rows: best of {args.rounds} interleaved rounds); "
              f"torch {m['torch']}, {m['torch_threads']} threads. `{report['command']}`. 1-min load average "
-             f"{report['loadavg_before'][0]:.2f} before / {report['loadavg_after'][0]:.2f} after (other jobs share the box).", "",
+             f"{report['loadavg_before'][0]:.2f} before / {report['loadavg_after'][0]:.2f} after.", "",
              "| row | tokens/s | peak RSS MiB (trainer process) | note |", "|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['tokens_per_s']} | {r['memory_mib'] or '-'} | {r['note']} |" for r in rows]
     write_text_atomic(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,6 +187,16 @@ def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16(monkeypatch, avx51
     fp32 = DistillConfig(student_init="direct", steps=1, mixed_precision="no", teacher_dtype="float32")
     assert not use_bf16(fp32, cpu) and _teacher_dtype(fp32, cpu) == torch.float32
     assert use_bf16(DistillConfig(student_init="direct", steps=1, mixed_precision="bf16"), cpu)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux /proc only")
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    ballast = bytearray(1 << 30)
+    ballast[:: 1 << 12] = b"\1" * len(ballast[:: 1 << 12])  # resident: one byte written per page
+    probe = "from upq.distill.trainer import peak_rss_mib; print(peak_rss_mib())"
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    del ballast
+    assert 0 < float(child.stdout.split()[-1]) < 1024  # ru_maxrss would count the parent's > 1 GiB
 
 
 def test_loss_schedule_switches_after_first_steps(setup, tmp_path: Path) -> None:

@@ -78,10 +78,22 @@ class Backbone(nn.Module):
         return logits if not cap else torch.tanh(logits / cap) * cap
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` where Linux reports it, because
+    ``getrusage``'s ``ru_maxrss`` of a process started by fork + exec still counts its parent's
+    resident memory at the fork; ``ru_maxrss`` elsewhere."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mib()
 
 
 def _make_accelerator(cfg: DistillConfig) -> Any:

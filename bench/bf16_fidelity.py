@@ -18,7 +18,7 @@ import torch
 from upq.atomic import write_json_atomic, write_text_atomic
 from upq.loading import load_any
 from upq.data.prompts import load_prompts
-from upq.distill.trainer import native_bf16
+from upq.precision import native_bf16
 from upq.evaluation.agreement import build_reference, kl_and_agreement
 from upq.evaluation.runner import machine
 from upq.models import BUNDLED_MODEL, load_model

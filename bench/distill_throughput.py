@@ -37,9 +37,10 @@ from upq.distill.data import DataConfig
 from upq.distill.losses import chunked_loss
 from upq.distill.memory import CHECKPOINTING
 from upq.distill.student import direct_student
-from upq.distill.trainer import Backbone, distill, peak_rss_mib, read_metrics
+from upq.distill.trainer import Backbone, distill, read_metrics
 from upq.evaluation.runner import machine
 from upq.models import load_model
+from upq.peak_memory import peak_rss_mib
 from upq.modules import select_linears
 
 RESULTS = Path(__file__).parent / "results"

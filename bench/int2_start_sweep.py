@@ -5,6 +5,7 @@ INT4 g64 checkpoint (``upq quantize --recipe ptq-int4 --budget cpu --set ptq.gro
 
     python bench/int2_start_sweep.py handoff INT4_DIR max,int4,mse,output      # untrained INT2 starts
     python bench/int2_start_sweep.py blocks INT4_DIR TAG '{"epochs": 4, ...}'  # the INT2 block stage
+    python bench/int2_start_sweep.py blocks --recipe upq INT4_DIR TAG '{"mixed_precision": "no"}'  # a recipe's, changed
     python bench/int2_start_sweep.py distill START_DIR TAG KEY=VALUE ...       # upq-paper's distill stage
     python bench/int2_start_sweep.py distill --recipe upq START_DIR TAG distill.latent_from=BLOCKS_WORK  # options first
 
@@ -49,9 +50,13 @@ def handoff(args: argparse.Namespace) -> None:
 
 def blocks(args: argparse.Namespace) -> None:
     settings = json.loads(args.settings)
+    if args.recipe:  # the recipe's INT2 block stage (cpu budget), with ``settings`` changed
+        base = next(s.config for s in load_recipe(args.recipe, "cpu").stages if s.kind == "int2-blocks")
+        cfg = dataclasses.replace(base, init_from=args.start, **settings)
+    else:
+        cfg = Int2BlocksConfig(init_from=args.start, **settings)
     started = time.perf_counter()
-    model, tokenizer, results = blockwise_ptq(None, Int2BlocksConfig(init_from=args.start, **settings),
-                                              Path(args.work) / f"blocks-{args.tag}.work")
+    model, tokenizer, results = blockwise_ptq(None, cfg, Path(args.work) / f"blocks-{args.tag}.work")
     out = Path(args.work) / f"blocks-{args.tag}"
     save_quantized(model, out, tokenizer, method="int2-blocks", extra={"source_model": BUNDLED_MODEL})
     print(json.dumps({"run": "blocks", "tag": args.tag, **settings, **kl_of(out),
@@ -82,6 +87,7 @@ def main() -> None:
     b.add_argument("start")
     b.add_argument("tag")
     b.add_argument("settings", help="Int2BlocksConfig fields as JSON")
+    b.add_argument("--recipe", help="start from this recipe's int2-blocks stage (cpu budget) instead of the defaults")
     b.set_defaults(func=blocks)
     d = sub.add_parser("distill")
     d.add_argument("start")

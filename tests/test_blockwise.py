@@ -26,7 +26,9 @@ def tiny_text_source(tmp_path: Path, monkeypatch) -> Path:
 
 
 def _cfg(corpus: Path, **overrides) -> BlockwiseConfig:
-    base = dict(samples=8, seq_len=32, epochs=2, batch_size=4, lr_weight=1e-3, lr_scale=1e-2, calib_source=str(corpus))
+    """fp32 unless overridden: ``auto`` would mean bf16 on CPUs with native bf16 and fp32 elsewhere."""
+    base = dict(samples=8, seq_len=32, epochs=2, batch_size=4, lr_weight=1e-3, lr_scale=1e-2, calib_source=str(corpus),
+                mixed_precision="no")
     return BlockwiseConfig(**(base | overrides))
 
 
@@ -38,6 +40,15 @@ def test_blockwise_lowers_mse_and_packs(tiny_model_dir: Path, tiny_text_source: 
         logits = model(torch.randint(3, 100, (1, 12))).logits
     assert torch.isfinite(logits).all()
     save_quantized(model, tmp_path / "out", tokenizer, method="blockwise-ptq")
+
+
+def test_bf16_autocast_takes_effect_and_still_lowers_mse(tiny_model_dir: Path, tiny_text_source: Path,
+                                                         tmp_path: Path) -> None:
+    _, _, fp32 = blockwise_ptq(str(tiny_model_dir), _cfg(tiny_text_source, bits=2), tmp_path / "fp32")
+    _, _, bf16 = blockwise_ptq(str(tiny_model_dir), _cfg(tiny_text_source, bits=2, mixed_precision="bf16"), tmp_path / "bf16")
+    assert all(r.mse_after < r.mse_before for r in bf16)
+    assert [r.mse_after for r in bf16] != [r.mse_after for r in fp32]
+    assert [r.mse_after for r in bf16] == pytest.approx([r.mse_after for r in fp32], rel=0.2)
 
 
 def test_resume_after_crash_equals_uninterrupted(tiny_model_dir: Path, tiny_text_source: Path, tmp_path: Path) -> None:
@@ -61,6 +72,8 @@ def test_bad_config_is_clear() -> None:
         BlockwiseConfig(train=("biases",))
     with pytest.raises(ValueError, match="activations"):
         BlockwiseConfig(activations="gpu")
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        BlockwiseConfig(mixed_precision="fp16")
 
 
 def test_resume_with_disk_activations(tiny_model_dir: Path, tiny_text_source: Path, tmp_path: Path) -> None:

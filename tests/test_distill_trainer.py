@@ -14,7 +14,8 @@ from distill_helpers import one_thread, tiny_config, write_corpus, write_int4  #
 from upq.checkpoint import load, read_quantization_config
 from upq.distill.state import ResumeError, latest_checkpoint
 from upq.distill.config import DistillConfig
-from upq.distill.trainer import NonFiniteLossError, _teacher_dtype, distill, read_metrics, use_bf16
+from upq.distill.trainer import NonFiniteLossError, _teacher_dtype, distill, read_metrics
+from upq.precision import use_bf16
 from upq.trainable import lr_factor
 from upq.modules import PackedLinear
 
@@ -90,6 +91,29 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path: Path, mon
     monkeypatch.setattr(losses, "chunked_loss", real)
     resumed = distill(cfg, tmp_path / "out", tmp_path / "work")  # resumes from the intact checkpoint
     assert resumed.resumed_from == 4 and resumed.steps == 8
+
+
+def test_a_failed_checkpoint_write_is_one_clear_error_and_keeps_the_last(setup, tmp_path: Path, monkeypatch) -> None:
+    int4, corpus = setup
+    import upq.distill.state as state
+
+    real = state.torch.save
+    calls = {"n": 0}
+
+    def short_write(obj, path, *args, **kwargs):  # what torch.save raises when the disk fills up
+        calls["n"] += 1
+        if calls["n"] == 4:  # optimizer.pt of the second checkpoint (step 4)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 146096064 vs 146095956")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(state.torch, "save", short_write)
+    cfg = tiny_config(int4, corpus, steps=8, save_every=2)
+    with pytest.raises(state.CheckpointWriteError, match=r"step-4 checkpoint .* MiB free there.*unexpected pos.*resume"):
+        distill(cfg, tmp_path / "out", tmp_path / "work")
+    assert latest_checkpoint(tmp_path / "work").name == "step-00000002"
+    assert not list((tmp_path / "work").glob(".step-*"))  # no half-written directory left behind
+    monkeypatch.setattr(state.torch, "save", real)
+    assert distill(cfg, tmp_path / "out", tmp_path / "work").resumed_from == 2
 
 
 def test_other_settings_cannot_resume_a_work_dir(setup, tmp_path: Path) -> None:
@@ -181,19 +205,19 @@ def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16(monkeypatch, avx51
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu, native = torch.device("cpu"), avx512_bf16 or amx
     auto = DistillConfig(student_init="direct", steps=1)
-    assert use_bf16(auto, cpu) is native
+    assert use_bf16(auto.mixed_precision, cpu) is native
     assert _teacher_dtype(auto, cpu) == (torch.bfloat16 if native else torch.float32)
-    assert use_bf16(auto, torch.device("cuda")) and _teacher_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    assert use_bf16(auto.mixed_precision, torch.device("cuda")) and _teacher_dtype(auto, torch.device("cuda")) == torch.bfloat16
     fp32 = DistillConfig(student_init="direct", steps=1, mixed_precision="no", teacher_dtype="float32")
-    assert not use_bf16(fp32, cpu) and _teacher_dtype(fp32, cpu) == torch.float32
-    assert use_bf16(DistillConfig(student_init="direct", steps=1, mixed_precision="bf16"), cpu)
+    assert not use_bf16(fp32.mixed_precision, cpu) and _teacher_dtype(fp32, cpu) == torch.float32
+    assert use_bf16("bf16", cpu)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux /proc only")
 def test_peak_rss_is_the_process_own_not_its_parents() -> None:
     ballast = bytearray(1 << 30)
     ballast[:: 1 << 12] = b"\1" * len(ballast[:: 1 << 12])  # resident: one byte written per page
-    probe = "from upq.distill.trainer import peak_rss_mib; print(peak_rss_mib())"
+    probe = "from upq.peak_memory import peak_rss_mib; print(peak_rss_mib())"
     child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     del ballast
     assert 0 < float(child.stdout.split()[-1]) < 1024  # ru_maxrss would count the parent's > 1 GiB

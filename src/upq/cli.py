@@ -19,6 +19,7 @@ from .grids import GRIDS
 from .logs import get_logger, setup_logging
 from .interactive import ENGINES
 from .kernels.ops import BACKENDS
+from .precision import MIXED_PRECISION
 from .recipes.schema import BUDGETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -298,8 +299,8 @@ GRID_FIELDS: FieldMap = {"grid": ("grid",), "bits": ("bits",), "group_size": ("g
 BLOCKWISE_FIELDS: FieldMap = {
     "samples": ("samples",), "seq_len": ("seq_len",), "epochs": ("epochs",), "batch_size": ("batch_size",),
     "lr_weight": ("lr_weight",), "lr_scale": ("lr_scale",), "train": ("train",), "calib": ("calib_source",),
-    "chat_fraction": ("chat_fraction",), "activations": ("activations",), "seed": ("seed",),
-    "include": ("include",), "exclude": ("exclude",),
+    "chat_fraction": ("chat_fraction",), "activations": ("activations",), "mixed_precision": ("mixed_precision",),
+    "seed": ("seed",), "include": ("include",), "exclude": ("exclude",),
 }
 # `upq eval` flags -> EvalSettings fields
 EVAL_FIELDS: FieldMap = {
@@ -336,7 +337,7 @@ DISTILL_FIELDS: FieldMap = {
 
 def _add_distill_flags(d: argparse.ArgumentParser) -> None:
     """The ``upq distill`` flags; each default is DistillConfig's."""
-    from .distill.config import MIXED_PRECISION, TEACHER_DTYPES, DistillConfig
+    from .distill.config import TEACHER_DTYPES, DistillConfig
     from .distill.memory import CHECKPOINTING
     from .distill.data import KINDS
     from .distill.losses import LOSSES
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     ptq_opt("--chat-fraction", type=float,
             help="share of calibration rows that are the original model's answers to the bundled training prompts")
     ptq_opt("--activations", choices=["memory", "disk"])
+    ptq_opt("--mixed-precision", choices=list(MIXED_PRECISION),
+            help="auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32")
     ptq_opt("--seed", type=int)
     p.add_argument("--work-dir", help="per-block checkpoints for resume (default: OUT.work)")
     p.add_argument("--keep-work-dir", action="store_true")

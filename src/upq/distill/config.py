@@ -8,6 +8,7 @@ from typing import Any
 
 from ..digest import json_digest
 from ..grids import GridSpec
+from ..precision import check_mixed_precision
 from .data import DataConfig
 from .losses import LOSSES, BoundLoss
 from .memory import check_checkpointing
@@ -15,7 +16,6 @@ from ..ptq.handoff import SCALE_INITS
 from ..trainable import check_trainable
 from .student import INITS, Calibration
 
-MIXED_PRECISION = ("auto", "no", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 # Fields that do not change the training trajectory: a run may resume with other values.
 # gradient_checkpointing and block_cache_mib only trade memory and time: the numbers are the same
@@ -131,8 +131,7 @@ class DistillConfig:
             raise ValueError("learning rates must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("min_lr_ratio must be in [0, 1] and warmup_ratio in [0, 1)")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        check_mixed_precision(self.mixed_precision)
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         self.gradient_checkpointing = check_checkpointing(self.gradient_checkpointing)

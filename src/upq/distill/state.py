@@ -27,6 +27,10 @@ STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A training checkpoint could not be written; the previous one is still the newest."""
+
+
 class ResumeError(RuntimeError):
     """A work directory cannot be resumed (other run, or damaged)."""
 
@@ -68,16 +72,26 @@ def step_dir(work_dir: Path, step: int) -> Path:
 
 def save_checkpoint(work_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], optimizer: Any,
                     scheduler: Any, rng_states: list[dict[str, Any]], keep: int = 1) -> Path:
-    """Write a checkpoint atomically, point ``latest.json`` at it, drop all but the ``keep`` newest."""
+    """Write a checkpoint atomically, point ``latest.json`` at it, drop all but the ``keep`` newest.
+    A failed write (a full disk, typically) raises :class:`CheckpointWriteError` and leaves the
+    previous checkpoint as the newest."""
     work_dir.mkdir(parents=True, exist_ok=True)
     target = step_dir(work_dir, state.step)
-    with atomic_dir(target) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / TRAINABLE)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng.pt")
-        (tmp / STATE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
-    write_json_atomic(work_dir / LATEST, {"step": state.step, "dir": target.name})
+    try:
+        with atomic_dir(target) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / TRAINABLE)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_states, tmp / "rng.pt")
+            (tmp / STATE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
+        write_json_atomic(work_dir / LATEST, {"step": state.step, "dir": target.name})
+    except (OSError, RuntimeError) as exc:  # torch.save reports a short write as a RuntimeError
+        free = shutil.disk_usage(work_dir).free / 2**20
+        raise CheckpointWriteError(
+            f"could not write the step-{state.step} checkpoint in {work_dir} ({free:.0f} MiB free there): "
+            f"{str(exc).strip() or type(exc).__name__}. The previous checkpoint is intact: free some space and "
+            "re-run the same command to resume from it."
+        ) from exc
     old = sorted(p for p in work_dir.glob("step-*") if p.is_dir() and p != target)
     for path in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from ..checkpoint import save_quantized
 from ..logs import get_logger, progress_enabled
 from ..models import BUNDLED_MODEL, load_model
 from ..modules import pack_model
+from ..peak_memory import peak_rss_mib
+from ..precision import native_bf16, use_bf16
 from .config import DistillConfig
 from .data import Batch, SampleStream, build_stream, collate, heldout_samples
 from .losses import BoundLoss, chunked_loss, estimate_cakld_gamma
@@ -78,18 +79,6 @@ class Backbone(nn.Module):
         return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB: ``VmHWM`` where Linux reports it, because
-    ``getrusage``'s ``ru_maxrss`` of a process started by fork + exec still counts its parent's
-    resident memory at the fork; ``ru_maxrss`` elsewhere."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -102,21 +91,6 @@ def _make_accelerator(cfg: DistillConfig) -> Any:
     from accelerate import Accelerator
 
     return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision="no")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices natively: CUDA, or a CPU with AVX512-BF16 or AMX
-    (where oneDNN's bf16 products run several times faster than fp32; without them bf16 is
-    emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return True
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-def use_bf16(cfg: DistillConfig, device: torch.device) -> bool:
-    """Whether forward passes run under bf16 autocast (``auto``: where :func:`native_bf16`)."""
-    return cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16(device))
 
 
 def _teacher_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
@@ -137,7 +111,7 @@ class _Run:
         self.rank = accelerator.process_index
         self.total_steps = cfg.total_steps(self.world)
         self.fingerprint = cfg.fingerprint(self.world)
-        self.bf16 = use_bf16(cfg, self.device)
+        self.bf16 = use_bf16(cfg.mixed_precision, self.device)
 
     def autocast(self) -> Any:
         """bf16 autocast on the run's device when enabled, else a no-op."""
@@ -162,8 +136,9 @@ class _Run:
             self.heldout = heldout_samples(cfg.data, self.tokenizer, teacher, cache)
         lm = student.model
         shared = share_frozen_tensors(lm, teacher)
-        log.info("student shares %.0f MiB of frozen tensors with the teacher; recomputation: %s",
-                 shared / 2**20, cfg.gradient_checkpointing)
+        log.info("student shares %.0f MiB of frozen tensors with the teacher; recomputation: %s; forward passes in %s, "
+                 "teacher in %s", shared / 2**20, cfg.gradient_checkpointing, "bf16 autocast" if self.bf16 else "fp32",
+                 str(teacher.dtype).removeprefix("torch."))
         enable_checkpointing(lm, cfg.gradient_checkpointing)
         lm.train()
         kinds = trainable_groups(lm, cfg.train)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,8 @@ from ..grids import GridSpec
 from ..logs import get_logger, progress_enabled
 from ..models import fix_special_tokens, load_model, local_model_dir
 from ..modules import PackedLinear, pack_model, quantize_model, select_linears
+from ..peak_memory import peak_rss_mib
+from ..precision import check_mixed_precision, use_bf16
 from ..stages import PREVIOUS, StageContext, StageKind, register_stage
 from ..trainable import check_trainable, lr_factor, trainable_groups
 from ..weights import WeightSource
@@ -65,6 +66,9 @@ class BlockwiseConfig:
     settings as distillation's ``data.chat`` share one cached generation) to the bundled training
     prompts and to ``self_instruct`` instructions it wrote itself (:mod:`upq.data.self_instruct`;
     the same pairs, and cache, as distillation's ``data.self_instruct`` with equal settings).
+    ``mixed_precision``: bf16 autocast for the blocks' forward passes (``auto``: where the device
+    multiplies bf16 natively, :func:`upq.precision.native_bf16`); weights, scales and stored
+    activations stay fp32.
     """
 
     grid: str = "seq"
@@ -88,6 +92,7 @@ class BlockwiseConfig:
     init_from: str | None = None
     delta_init: str = "max"
     objective: str = "mse"
+    mixed_precision: str = "auto"
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -108,6 +113,7 @@ class BlockwiseConfig:
         check_scale_init(self.delta_init)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        check_mixed_precision(self.mixed_precision)
         if self.delta_init == "int4" and self.init_from is None:
             raise ValueError("delta_init='int4' takes the scale of the checkpoint the block starts from; set init_from")
         if self.samples < 1 or self.batch_size < 1 or self.epochs < 0 or self.seq_len < 2:
@@ -167,10 +173,6 @@ def _answer_rows(tokenizer: Any, model_name: str | None, cfg: BlockwiseConfig, r
                                                     cfg.chat, cache)
     del model
     return answer_rows(responses, cfg.seq_len, rows)
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _fingerprint(model_name: str, cfg: BlockwiseConfig) -> str:
@@ -396,7 +398,8 @@ def blockwise_ptq(
     Resumes from ``work_dir`` when it holds an interrupted run with the same model and settings.
     """
     device = torch.device(device)
-    autocast = device.type == "cuda"
+    autocast = use_bf16(cfg.mixed_precision, device)
+    log.info("block-wise PTQ %s: forward passes in %s", cfg.spec.describe(), "bf16 autocast" if autocast else "fp32")
     spec = cfg.spec
     source_dir = local_model_dir(model_name)
     source = WeightSource(source_dir)
@@ -467,7 +470,7 @@ def blockwise_ptq(
             old.release()
         x_fp, x_q = targets, next_q
         result = BlockResult(
-            index, mse_before, mse_after, round(time.perf_counter() - started, 2), round(_peak_rss_mib(), 1),
+            index, mse_before, mse_after, round(time.perf_counter() - started, 2), round(peak_rss_mib(), 1),
             round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         )
         state["done"] = index + 1

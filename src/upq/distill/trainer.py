@@ -86,8 +86,9 @@ def _memory_mib(device: torch.device) -> float:
 
 
 def _make_accelerator(cfg: DistillConfig) -> Any:
-    """An ``Accelerator`` without its own mixed precision: autocast is ours (see :func:`use_bf16`),
-    so several runs with different precisions can share one process (accelerate's state is global)."""
+    """An ``Accelerator`` without its own mixed precision: autocast is ours
+    (:func:`upq.precision.use_bf16`), so several runs with different precisions can share one
+    process (accelerate's state is global)."""
     from accelerate import Accelerator
 
     return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision="no")

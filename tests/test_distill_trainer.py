@@ -190,6 +190,10 @@ def test_chat_data_run_generates_once_and_reuses_the_cache(setup, tmp_path: Path
     assert [p.stat().st_mtime_ns for p in cached] == stamps and second.losses == first.losses
     records = read_metrics(tmp_path / "a")
     assert 0 < records[1]["loss_tokens"] < records[1]["input_tokens"]  # prompt tokens are masked out
+    bf16 = tiny_config(int4, corpus, data=data, steps=2, mixed_precision="bf16", teacher_dtype="bfloat16")
+    distill(bf16, None, tmp_path / "c")  # a bf16 teacher trains on the fp32 original's cached answers
+    assert sorted((tmp_path / "cache").glob("chat-*.json")) == cached
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
 
 
 def test_runs_with_different_precisions_share_one_process(setup, tmp_path: Path) -> None:

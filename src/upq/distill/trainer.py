@@ -132,9 +132,15 @@ class _Run:
         self.tokenizer = student.tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id)
         cache = cfg.data.response_cache()
+        # The chat data are the original's own answers in fp32, whatever the teacher's dtype: cached by the
+        # writer's weights, so they are shared with the block stages and with fp32 runs.
+        writer = teacher
+        if cfg.data.chat_ratio > 0 and teacher.dtype != torch.float32:
+            writer, _ = load_model(self.teacher_name, dtype=torch.float32, device=self.device)
         with self.acc.main_process_first():  # the main process generates chat data, the others reuse its cache
-            self.stream: SampleStream = build_stream(cfg.data, self.tokenizer, teacher, cache, cfg.seed)
-            self.heldout = heldout_samples(cfg.data, self.tokenizer, teacher, cache)
+            self.stream: SampleStream = build_stream(cfg.data, self.tokenizer, writer, cache, cfg.seed)
+            self.heldout = heldout_samples(cfg.data, self.tokenizer, writer, cache)
+        del writer
         lm = student.model
         shared = share_frozen_tensors(lm, teacher)
         log.info("student shares %.0f MiB of frozen tensors with the teacher; recomputation: %s; forward passes in %s, "

@@ -40,7 +40,8 @@ def main() -> None:
         rows[f"INT2 `{args.student}` (fp32)"] = load_any(args.student, dtype=torch.float32)[0]
     results = {label: kl_and_agreement(model, fp32, reference) for label, model in rows.items()}
 
-    command = "python bench/bf16_fidelity.py" + (f" --student {args.student}" if args.student else "") + f" --name {args.name}"
+    student_flag = f" --student {args.student}" if args.student else ""
+    command = f"python bench/bf16_fidelity.py{student_flag} --name {args.name}"
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
               "native_bf16": native_bf16(torch.device("cpu")), "reference_tokens": reference.tokens,
               "rows": results, "command": command}

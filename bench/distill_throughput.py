@@ -225,9 +225,11 @@ def write_rate_runs(args: argparse.Namespace) -> None:
 def write_profile(args: argparse.Namespace, prof: dict) -> None:
     """``NAME.json`` / ``.md``: the distill step by part."""
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
-              "batch": args.batch, "seq_len": args.seq_len, "precision": args.precision, "profiled_steps": args.steps, **prof,
+              "batch": args.batch, "seq_len": args.seq_len, "precision": args.precision, "profiled_steps": args.steps,
+              **prof,
               **_settings(args),
-              "command": f"python bench/distill_throughput.py --profile-only --precision {args.precision} --steps {args.steps}"
+              "command": f"python bench/distill_throughput.py --profile-only --precision {args.precision} "
+                         f"--steps {args.steps}"
                          + "".join(f" {part}" for part in _setting_flags(args)) + f" --name {args.name}"}
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / f"{args.name}.json", report)
@@ -271,7 +273,8 @@ def main() -> None:
     parser.add_argument("--rate-runs", type=int, default=0,
                         help="only N unprofiled runs of the distill step (writes NAME.json / .md)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="the step's precision in --rate-runs and --profile-only (bf16: autocast and a bf16 teacher)")
+                        help="the step's precision in --rate-runs and --profile-only "
+                             "(bf16: autocast and a bf16 teacher)")
     parser.add_argument("--baseline-src", help="with --rate-runs: a checkout whose step runs before each run")
     parser.add_argument("--baseline-label", default="baseline", help="what --baseline-src is, for the report")
     args = parser.parse_args()

@@ -45,7 +45,8 @@ def test_blockwise_lowers_mse_and_packs(tiny_model_dir: Path, tiny_text_source: 
 def test_bf16_autocast_takes_effect_and_still_lowers_mse(tiny_model_dir: Path, tiny_text_source: Path,
                                                          tmp_path: Path) -> None:
     _, _, fp32 = blockwise_ptq(str(tiny_model_dir), _cfg(tiny_text_source, bits=2), tmp_path / "fp32")
-    _, _, bf16 = blockwise_ptq(str(tiny_model_dir), _cfg(tiny_text_source, bits=2, mixed_precision="bf16"), tmp_path / "bf16")
+    bf16_cfg = _cfg(tiny_text_source, bits=2, mixed_precision="bf16")
+    _, _, bf16 = blockwise_ptq(str(tiny_model_dir), bf16_cfg, tmp_path / "bf16")
     assert all(r.mse_after < r.mse_before for r in bf16)
     assert [r.mse_after for r in bf16] != [r.mse_after for r in fp32]
     assert [r.mse_after for r in bf16] == pytest.approx([r.mse_after for r in fp32], rel=0.2)

@@ -30,7 +30,8 @@ def _common(int4: Path, corpus: Path) -> list[str]:
     return ["distill", "--student-init", "progressive", "--from", str(int4), "--data", "text",
             "--text-source", str(corpus), "--seq-len", "32", "--steps", "4", "--grad-accum", "2",
             "--lr-weight", "1e-3", "--lr-scale", "1e-2", "--cpu", "--log-every", "1", "--eval-every", "2",
-            "--heldout-samples", "4", "--mixed-precision", "no", "--teacher-dtype", "float32", "--quiet"]  # fp32 on every CPU
+            "--heldout-samples", "4", "--quiet",
+            "--mixed-precision", "no", "--teacher-dtype", "float32"]  # the same numbers on every CPU
 
 
 def test_two_process_gloo_run_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -211,7 +211,8 @@ def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16(monkeypatch, avx51
     auto = DistillConfig(student_init="direct", steps=1)
     assert use_bf16(auto.mixed_precision, cpu) is native
     assert _teacher_dtype(auto, cpu) == (torch.bfloat16 if native else torch.float32)
-    assert use_bf16(auto.mixed_precision, torch.device("cuda")) and _teacher_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    cuda = torch.device("cuda")
+    assert use_bf16(auto.mixed_precision, cuda) and _teacher_dtype(auto, cuda) == torch.bfloat16
     fp32 = DistillConfig(student_init="direct", steps=1, mixed_precision="no", teacher_dtype="float32")
     assert not use_bf16(fp32.mixed_precision, cpu) and _teacher_dtype(fp32, cpu) == torch.float32
     assert use_bf16("bf16", cpu)

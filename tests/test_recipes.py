@@ -48,7 +48,8 @@ def test_yaml_1_1_words_stay_strings(tmp_path: Path) -> None:
     """``no`` / ``off`` are choices of string fields, not YAML 1.1 booleans; ``true`` / ``false`` are booleans."""
     assert _stage(load_recipe("upq", "cpu", ["distill.mixed_precision=no"]), "distill").mixed_precision == "no"
     path = tmp_path / "r.yaml"
-    path.write_text("name: r\ndescription: d\nstages:\n  - {stage: distill, steps: 1, mixed_precision: no, cpu: false}\n")
+    path.write_text("name: r\ndescription: d\nstages:\n"
+                    "  - {stage: distill, steps: 1, mixed_precision: no, cpu: false}\n")
     distill = _stage(load_recipe(str(path), "cpu"), "distill")
     assert distill.mixed_precision == "no" and distill.cpu is False
     with pytest.raises(RecipeError, match="expected a string"):

@@ -321,10 +321,10 @@ def main() -> None:
     add("INT2 fake-quant fp32 fwd+bwd", fq32, f"fake-quant overhead x{plain32 / fq32:.2f} vs plain fp32")
     add("INT2 fake-quant bf16-autocast fwd+bwd", fq16, f"fake-quant overhead x{plain_ac / fq16:.2f} vs plain bf16 autocast")
     del models
-    fp32 = _trainer_subprocess(args, "rate", "no", "float32")
+    fp32 = _trainer_subprocess(args, "rate", *PRECISIONS["fp32"][0])
     add("distill step fp32 (teacher fp32, gJSD, AdamW)", fp32["tokens_per_s"],
         f"x{plain32 / fp32['tokens_per_s']:.2f} slower than plain fp32 fwd+bwd", fp32["memory_mib"])
-    bf16 = _trainer_subprocess(args, "rate", "bf16", "bfloat16")
+    bf16 = _trainer_subprocess(args, "rate", *PRECISIONS["bf16"][0])
     add("distill step bf16 autocast (teacher bf16, gJSD, AdamW)", bf16["tokens_per_s"],
         f"x{plain_ac / bf16['tokens_per_s']:.2f} slower than plain bf16-autocast fwd+bwd", bf16["memory_mib"])
     report = {"benchmark": args.name, "model": "SmolLM2-135M-Instruct (bundled)", "machine": machine(),
